@@ -1,0 +1,54 @@
+"""``python -m swarm.bootstrap``: a stand-alone DHT node that gives a swarm a stable entry point.
+
+It trains nothing and holds no model; peers list it in ``--initial-peers`` so that the
+swarm stays reachable however its training peers come and go. Run it on a machine with
+a public address and a fixed port (``--host-maddrs /ip4/0.0.0.0/tcp/31337``) and keep
+``--identity`` so its multiaddr survives restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from swarm.config import ConfigError
+from swarm.dht import UnreachableError, parse_maddrs, start_dht
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m swarm.bootstrap", description=__doc__.splitlines()[0])
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"], metavar="MADDR")
+    p.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="other bootstrap nodes")
+    p.add_argument("--identity", help="private key file: keeps the peer id (and so the multiaddr) across restarts")
+    args = p.parse_args(argv)
+    logging.getLogger("hivemind").setLevel(logging.CRITICAL)
+    try:
+        dht = start_dht(parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True),
+                        parse_maddrs(args.host_maddrs, "--host-maddrs"),
+                        parse_maddrs(args.announce_maddrs, "--announce-maddrs"), args.identity)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UnreachableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("bootstrap node running; peers join with any of:", flush=True)
+    for maddr in dht.get_visible_maddrs():
+        print(f"  python -m swarm.peer --initial-peers {maddr}", flush=True)
+    stop.wait()
+    dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The swarm's only door to hivemind's DHT: start and bootstrap, key names, typed records.
+
+Every record we read is untrusted input from the network, so readers check types and
+drop what does not fit instead of crashing. Records stay a few hundred bytes: a DHT
+value near 64 KiB kills hivemind's DHT process (shared/HIVEMIND.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import hivemind
+from hivemind.utils import get_dht_time
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from multiaddr import Multiaddr
+
+from swarm.config import ConfigError, RunConfig
+
+log = logging.getLogger("swarm")
+
+RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a joiner finds the run
+RECORD_MAX_BYTES = 4096
+CONFIG_TTL_S = 7 * 24 * 3600.0
+
+
+class UnreachableError(RuntimeError):
+    """No initial peer answered (exit code 3)."""
+
+
+def config_key(run_id: str) -> str:
+    return f"{run_id}/config"
+
+
+def outer_key(run_id: str, outer_step: int) -> str:
+    return f"{run_id}/outer/{outer_step}"
+
+
+def peers_key(run_id: str) -> str:
+    return f"{run_id}/peers"
+
+
+def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> list[Multiaddr]:
+    """Validate user-typed multiaddrs before any daemon starts, so a typo is one clear line."""
+    out = []
+    for value in values:
+        try:
+            maddr = Multiaddr(value)
+            names = [p.name for p in maddr.protocols()]
+        except Exception as e:
+            raise ConfigError(f"{flag}: bad multiaddr {value!r}: {e}") from None
+        if not {"ip4", "ip6", "dns", "dns4", "dns6"} & set(names) or "tcp" not in names and "udp" not in names:
+            raise ConfigError(f"{flag}: {value!r} needs an address and a port, like /ip4/1.2.3.4/tcp/31337")
+        if need_peer_id and "p2p" not in names:
+            raise ConfigError(f"{flag}: {value!r} lacks the peer id: end it with /p2p/<peer id> as printed by the peer")
+        out.append(maddr)
+    return out
+
+
+def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], announce_maddrs: list[Multiaddr],
+              identity_path: str | None) -> hivemind.DHT:
+    """Start this peer's DHT node (and its p2pd); UnreachableError if no initial peer answers."""
+    try:
+        return hivemind.DHT(
+            initial_peers=[str(m) for m in initial_peers], start=True,
+            host_maddrs=[str(m) for m in host_maddrs], announce_maddrs=[str(m) for m in announce_maddrs],
+            identity_path=identity_path, check_if_identity_free=False, startup_timeout=20,
+        )
+    except P2PDaemonError as e:
+        if "bootstrap" in str(e) and initial_peers:
+            raise UnreachableError(f"cannot reach any initial peer ({', '.join(map(str, initial_peers))})") from None
+        raise RuntimeError(f"cannot start the p2p daemon: {str(e).splitlines()[0]}") from None
+
+
+class SwarmDHT:
+    """Typed, size-checked records of one run, on top of a started hivemind.DHT.
+
+    Methods are coroutines meant for the peer's network thread; a lock keeps the DHT's
+    request pipe (not thread-safe) to one writer.
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str):
+        self.dht, self.run_id = dht, run_id
+        self._lock = threading.Lock()
+
+    async def store(self, key: str, subkey: Any, value: Any, ttl_s: float) -> bool:
+        with self._lock:
+            future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey, return_future=True)
+        return bool(await future)
+
+    async def get_subkeys(self, key: str) -> dict[str, Any]:
+        """{subkey: value} of a dictionary record; anything else reads as empty."""
+        with self._lock:
+            future = self.dht.get(key, latest=True, return_future=True)
+        found = await future
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {k: v.value for k, v in found.value.items() if hasattr(v, "value")}
+
+    # --- run config -------------------------------------------------------------------------------
+
+    async def publish_config(self, cfg: RunConfig) -> None:
+        await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S)
+        await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
+
+    async def fetch_config(self) -> RunConfig | None:
+        records = await self.get_subkeys(config_key(self.run_id))
+        blob = records.get("config")
+        if blob is None:
+            return None
+        if not isinstance(blob, bytes) or len(blob) > RECORD_MAX_BYTES:
+            raise ConfigError(f"run {self.run_id!r} has a malformed config record in the DHT")
+        return RunConfig.from_bytes(blob)
+
+    async def list_runs(self) -> list[str]:
+        return sorted(k for k in await self.get_subkeys(RUNS_KEY) if isinstance(k, str))
+
+    # --- liveness and readiness ------------------------------------------------------------------
+
+    async def heartbeat(self, peer_id: str, info: dict, ttl_s: float) -> None:
+        await self.store(peers_key(self.run_id), peer_id, info, ttl_s)
+
+    async def live_peers(self) -> dict[str, dict]:
+        """peer id -> its latest liveness record (name, outer_step, state, samples, compute_s, ...)."""
+        return {k: v for k, v in (await self.get_subkeys(peers_key(self.run_id))).items()
+                if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("round"), int) and v.get("state") != "left"}
+
+    async def announce_ready(self, outer_step: int, peer_id: str, info: dict, ttl_s: float) -> None:
+        await self.store(outer_key(self.run_id, outer_step), peer_id, info, ttl_s)
+
+    async def ready_peers(self, outer_step: int) -> dict[str, dict]:
+        return {k: v for k, v in (await self.get_subkeys(outer_key(self.run_id, outer_step))).items()
+                if isinstance(k, str) and isinstance(v, dict)}

@@ -1,0 +1,56 @@
+"""Metrics: one JSON object a line (the contract in shared/DESIGN.md), and short progress lines for people.
+
+Each event is written and flushed at once, so a peer killed mid-run leaves every
+completed event readable and at most the last line torn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import IO, Any
+
+log = logging.getLogger("swarm")
+
+
+class Metrics:
+    def __init__(self, path: str | None, peer_id: str, name: str):
+        self.peer_id, self.name = peer_id, name
+        self._file: IO[str] | None = open(path, "a", buffering=1, encoding="utf-8") if path else None
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        record = {"event": event, "t": round(time.time(), 3), "peer": self.peer_id, "name": self.name, **fields}
+        if self._file is not None:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: str, event: str | None = None) -> list[dict]:
+    """Parse a metrics file (none yet reads as empty), skipping a torn last line; filter by event name."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event is None or record.get("event") == event:
+                out.append(record)
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

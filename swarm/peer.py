@@ -1,0 +1,275 @@
+"""``python -m swarm.peer``: start or join a training run and train until told to stop.
+
+Wiring and the outer loop only: the math is in swarm.diloco, the network in swarm.node.
+Exit codes: 0 clean, 2 bad arguments or config, 3 no initial peer reachable, 1 anything
+else, each with one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from swarm import data as swarm_data
+from swarm.averaging import AveragingError, StaleRound
+from swarm.config import ConfigError, RunConfig, load_profile
+from swarm.dht import SwarmDHT, UnreachableError, parse_maddrs, start_dht
+from swarm.diloco import DiLoCo
+from swarm.metrics import Metrics, human_bytes
+from swarm.model import build_model
+from swarm.node import Node
+
+log = logging.getLogger("swarm")
+
+DATA_SHARDS = 16  # peers hash into this many contiguous slices of the corpus
+CONFIG_LOOKUP_S = 30.0  # how long a joiner keeps asking the DHT for the run config
+PROGRESS_EVERY = 10  # inner steps between progress lines and `inner` events
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m swarm.peer", description=__doc__.splitlines()[0])
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                   help="multiaddrs of any peers (or bootstrap nodes) of the swarm; none: start a new run")
+    p.add_argument("--config", help="TOML profile (peers/tiny.toml): required to start a run, checked when joining")
+    p.add_argument("--run-id", help="run to start or join (default: the profile's, or the only run in the DHT)")
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MADDR",
+                   help="where to listen (default: all interfaces, a random TCP port)")
+    p.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR",
+                   help="public addresses other peers should dial (behind NAT or port forwarding)")
+    p.add_argument("--identity", help="private key file: keeps the peer id across restarts (created if missing)")
+    p.add_argument("--data", help="train on this text file or directory instead of the embedded corpus")
+    p.add_argument("--checkpoint-dir", help="directory for checkpoints and cached token files")
+    p.add_argument("--max-outer-steps", type=int, help="leave cleanly after this outer step")
+    p.add_argument("--metrics-file", help="append JSON-lines events here")
+    p.add_argument("--name", help="display name in logs and metrics (default: end of the peer id)")
+    p.add_argument("-v", "--verbose", action="store_true", help="more log lines, tracebacks on errors")
+    args = p.parse_args(argv)
+    if args.max_outer_steps is not None and args.max_outer_steps < 1:
+        p.error("--max-outer-steps must be at least 1")
+    return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse unusable paths before any daemon starts."""
+    if args.config and not os.path.isfile(args.config):
+        raise ConfigError(f"--config: no such file: {args.config}")
+    if args.data and not os.path.exists(args.data):
+        raise ConfigError(f"--data: no such file or directory: {args.data}")
+    if args.checkpoint_dir:
+        try:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=args.checkpoint_dir, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir} is not writable: {e.strerror}") from None
+    if args.identity and not os.path.isdir(os.path.dirname(os.path.abspath(args.identity))):
+        raise ConfigError(f"--identity: directory of {args.identity} does not exist")
+
+
+class Peer:
+    """One swarm member: resolves the run, builds model and data, then runs outer steps until told to stop."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.node: Node | None = None
+        self.metrics: Metrics | None = None
+        self._state_lock = threading.Lock()  # the network thread snapshots θ_global while we update it
+
+    def run(self) -> int:
+        args = self.args
+        initial = parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True)
+        host = parse_maddrs(args.host_maddrs, "--host-maddrs")
+        announce = parse_maddrs(args.announce_maddrs, "--announce-maddrs")
+        check_paths(args)
+        local = load_profile(args.config, args.run_id) if args.config else None
+        corpus = swarm_data.load_text(None)
+        text = swarm_data.load_text(args.data) if args.data else corpus
+        self.node = Node(start_dht(initial, host, announce, args.identity))
+        try:
+            cfg, is_new = self._resolve_config(local)
+            # The tokenizer comes from the embedded corpus on every peer, so ids agree even with --data.
+            tokenizer = swarm_data.build_tokenizer(cfg.model.tokenizer, corpus)
+            if is_new:
+                cfg = dataclasses.replace(cfg, tokenizer_sha256=tokenizer.sha256)
+                self.node.call(SwarmDHT(self.node.dht, cfg.run_id).publish_config(cfg))
+            elif tokenizer.sha256 != cfg.tokenizer_sha256:
+                raise ConfigError(f"this peer's {cfg.model.tokenizer} tokenizer ({tokenizer.sha256[:12]}) differs "
+                                  f"from run {cfg.run_id!r}'s ({cfg.tokenizer_sha256[:12]}): upgrade swarm")
+            self._train(cfg, tokenizer, text)
+        finally:
+            self._close()
+        return 0
+
+    def _resolve_config(self, local: RunConfig | None) -> tuple[RunConfig, bool]:
+        """The run's config from the DHT when it is there (checked against --config), else --config's (new run)."""
+        args, node = self.args, self.node
+        run_id = args.run_id or (local.run_id if local else None)
+        deadline = time.monotonic() + (CONFIG_LOOKUP_S if args.initial_peers else 0)
+        while True:
+            if run_id is None:
+                runs = node.call(SwarmDHT(node.dht, "_").list_runs())
+                if len(runs) > 1:
+                    raise ConfigError(f"the swarm has several runs ({', '.join(runs)}): choose one with --run-id")
+                run_id = runs[0] if runs else None
+            remote = node.call(SwarmDHT(node.dht, run_id).fetch_config()) if run_id else None
+            if remote is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if remote is not None:
+            if local is not None:
+                local.check_compatible(remote)
+            return remote, False
+        if local is None:
+            raise ConfigError("no run found in the DHT: start one with --config peers/tiny.toml" if run_id is None
+                              else f"run {run_id!r} has no config in the DHT: start it with --config")
+        return local, True
+
+    def _train(self, cfg: RunConfig, tokenizer: swarm_data.Tokenizer, text: str) -> None:
+        args, node = self.args, self.node
+        cache_dir = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), "swarm-cache")
+        os.makedirs(cache_dir, exist_ok=True)
+        tokens, _ = swarm_data.split_tokens(swarm_data.prepare_tokens(text, tokenizer, cache_dir))
+        peer_id = node.peer_id
+        name = args.name or peer_id[-6:]
+        sampler = swarm_data.BatchSampler(tokens, cfg.model.seq_len, cfg.train.batch_size,
+                                          seed=swarm_data.peer_seed(peer_id, cfg.train.seed),
+                                          shard=swarm_data.peer_shard(peer_id, DATA_SHARDS), num_shards=DATA_SHARDS)
+        self.diloco = diloco = DiLoCo(build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed), cfg.train)
+        self.metrics = metrics = Metrics(args.metrics_file, peer_id, name)
+        node.status.update(name=name, round=1, state="joining", samples=0, compute_s=0.0)
+        node.join_run(cfg.run_id, cfg.swarm, self._snapshot)
+
+        source = "peers" if self._sync_from_swarm() else "new"
+        metrics.emit("joined", run_id=cfg.run_id, outer_step=diloco.outer_step, source=source)
+        print_join_command(node, cfg.run_id)
+        log.info("%s %s run %r (%s profile, %.2fM parameters, H=%d) at outer step %d", name,
+                 "started" if source == "new" else "joined", cfg.run_id, cfg.profile,
+                 diloco.theta_global.numel() / 1e6, cfg.train.inner_steps, diloco.outer_step)
+
+        samples_total, compute_total = 0, 0.0
+        losses: list[float] = []
+        round_samples = 0
+        while args.max_outer_steps is None or diloco.outer_step < args.max_outer_steps:
+            k = diloco.outer_step + 1
+            node.set_status(round=k, state="training", samples=samples_total, compute_s=round(compute_total, 1))
+            t0 = time.monotonic()
+            for i in range(cfg.train.inner_steps):
+                x, y = sampler.next_batch()
+                losses.append(diloco.inner_step(x, y, i))
+                if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == cfg.train.inner_steps:
+                    tps = (i + 1) * x.numel() / (time.monotonic() - t0)
+                    metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(losses[-1], 4),
+                                 tokens_per_s=round(tps))
+                    log.info("%s step %d inner %d/%d loss %.3f %.0f tok/s", name, k, i + 1,
+                              cfg.train.inner_steps, losses[-1], tps)
+            compute_total += time.monotonic() - t0
+            round_samples += cfg.train.inner_steps * cfg.train.batch_size
+            samples_total += cfg.train.inner_steps * cfg.train.batch_size
+            node.set_status(state="averaging", samples=samples_total, compute_s=round(compute_total, 1))
+            try:
+                result = node.average(k, diloco.pseudo_gradient(), round_samples, diloco.model_sha256())
+            except StaleRound as e:
+                log.info("%s %s: fetching the swarm's model", name, e)
+                self._sync_from_swarm()
+                losses, round_samples = [], 0
+                continue
+            except AveragingError as e:  # nothing applied: keep local progress, retry at the next round
+                log.warning("%s outer step %d not averaged: %s", name, k, e)
+                continue
+            with self._state_lock:
+                diloco.apply_outer(result.average)
+            model_hash = diloco.model_sha256()
+            mean_loss = sum(losses) / len(losses)
+            metrics.emit("outer", outer_step=k, group_size=len(result.group.members), group=list(result.group.members),
+                         weights=list(result.group.weights), loss=round(mean_loss, 4), bytes_sent=result.bytes_sent,
+                         bytes_recv=result.bytes_recv, allreduce_s=round(result.allreduce_s, 3),
+                         matchmaking_s=round(result.matchmaking_s, 3), model_sha256=model_hash,
+                         average_sha256=result.average_sha256)
+            log.info("%s outer step %d: group %d, loss %.3f, all-reduce %.2f s, sent %s, model %s", name, k,
+                     len(result.group.members), mean_loss, result.allreduce_s, human_bytes(result.bytes_sent),
+                     model_hash[:12])
+            losses, round_samples = [], 0
+        node.set_status(round=diloco.outer_step + 1, state="leaving")
+        metrics.emit("left", reason="max-outer-steps", outer_step=diloco.outer_step)
+
+    def _sync_from_swarm(self) -> bool:
+        """Replace θ_global with a newer one from the swarm, if any live peer is ahead of us."""
+        got = self.node.fetch_state_from_swarm(self.diloco.theta_global.numel(), self.diloco.outer_step)
+        if got is None:
+            return False
+        state, size, seconds, holder = got
+        with self._state_lock:
+            self.diloco.load_state(state)
+        self.metrics.emit("bootstrap", outer_step=self.diloco.outer_step, bytes=size, sources=1,
+                          seconds=round(seconds, 3), verified=True, holders=[holder])
+        log.info("downloaded outer step %d (%s, verified) from %s in %.1f s", self.diloco.outer_step,
+                 human_bytes(size), holder[-6:], seconds)
+        return True
+
+    def _snapshot(self) -> dict:
+        with self._state_lock:
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.diloco.state().items()}
+
+    def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.node is not None:
+            self.node.close()
+
+
+def print_join_command(node: Node, run_id: str) -> None:
+    maddrs = [str(m) for m in node.dht.get_visible_maddrs()]
+    maddrs.sort(key=lambda m: ("/127.0.0.1/" in m or "/::1/" in m, m))  # reachable addresses first
+    if maddrs:
+        print(f"To join run {run_id!r} from another machine or terminal:\n"
+              f"  python -m swarm.peer --initial-peers {maddrs[0]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("hivemind", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
+    main_pid = os.getpid()
+
+    def interrupt(signum, _frame):
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        # A forked helper (hivemind's DHT process) inherited this handler: Ctrl-C is ours to handle,
+        # and SIGTERM (from our shutdown, or a process-group kill) ends it as if we had never set one.
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        return Peer(args).run()
+    except (ConfigError, swarm_data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UnreachableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: left the swarm", file=sys.stderr)
+        return 0
+    except Exception as e:  # one line for people; -v shows the traceback
+        log.debug("fatal", exc_info=True)
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Framing for our own libp2p streams: length-prefixed msgpack headers and raw byte payloads.
+
+Everything read here comes from an untrusted peer: every length is checked against an
+explicit limit before any buffer is allocated, and every read has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgpack
+
+MAX_HEADER_BYTES = 64 * 1024
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+WRITE_CHUNK_BYTES = 1 << 20
+
+
+class WireError(RuntimeError):
+    """A peer sent something malformed, oversized or nothing at all in time."""
+
+
+async def write_msg(writer: asyncio.StreamWriter, message: dict[str, Any]) -> int:
+    blob = msgpack.packb(message, use_bin_type=True)
+    if len(blob) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(blob)} bytes exceeds {MAX_HEADER_BYTES}")
+    writer.write(_U32.pack(len(blob)) + blob)
+    await writer.drain()
+    return _U32.size + len(blob)
+
+
+async def read_msg(reader: asyncio.StreamReader, timeout_s: float) -> dict[str, Any]:
+    (size,) = _U32.unpack(await _read_exactly(reader, _U32.size, timeout_s))
+    if size > MAX_HEADER_BYTES:
+        raise WireError(f"header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        message = msgpack.unpackb(await _read_exactly(reader, size, timeout_s), raw=False, strict_map_key=True)
+    except Exception as e:
+        raise WireError(f"malformed header: {e}") from None
+    if not isinstance(message, dict):
+        raise WireError("header is not a map")
+    return message
+
+
+async def write_blob(writer: asyncio.StreamWriter, data: bytes | memoryview) -> int:
+    view = memoryview(data).cast("B")
+    writer.write(_U64.pack(len(view)))
+    for start in range(0, len(view), WRITE_CHUNK_BYTES):
+        writer.write(view[start:start + WRITE_CHUNK_BYTES])
+        await writer.drain()
+    await writer.drain()
+    return _U64.size + len(view)
+
+
+async def read_blob(reader: asyncio.StreamReader, expected_bytes: int, timeout_s: float) -> bytes:
+    """Read one payload that must be exactly ``expected_bytes`` long (the receiver knows the size)."""
+    (size,) = _U64.unpack(await _read_exactly(reader, _U64.size, timeout_s))
+    if size != expected_bytes:
+        raise WireError(f"payload of {size} bytes, expected {expected_bytes}")
+    return await _read_exactly(reader, size, timeout_s)
+
+
+async def _read_exactly(reader: asyncio.StreamReader, size: int, timeout_s: float) -> bytes:
+    try:
+        return await asyncio.wait_for(reader.readexactly(size), timeout_s)
+    except asyncio.IncompleteReadError:
+        raise WireError("stream closed early") from None
+    except asyncio.TimeoutError:
+        raise WireError(f"no data within {timeout_s:.0f} s") from None
+
+
+def field(message: dict, name: str, kind: type | tuple[type, ...]) -> Any:
+    """A typed header field, or WireError naming what is wrong."""
+    value = message.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise WireError(f"header field {name!r} missing or of the wrong type")
+    return value

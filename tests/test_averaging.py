@@ -1,0 +1,93 @@
+"""Averaging with real peers on loopback: real DHTs, real p2pd daemons, known tensors."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import hivemind
+import pytest
+import torch
+
+from swarm.averaging import part_bounds
+from swarm.config import SwarmConfig
+from swarm.node import Node
+
+NUMEL = 10_000 + 17  # not a multiple of the block size
+
+
+def start_nodes(n: int, cfg: SwarmConfig) -> list[Node]:
+    first = hivemind.DHT(start=True)
+    dhts = [first] + [hivemind.DHT(initial_peers=[str(m) for m in first.get_visible_maddrs()], start=True)
+                      for _ in range(n - 1)]
+    nodes = [Node(d) for d in dhts]
+    for node in nodes:
+        node.join_run("avg-test", cfg, snapshot=lambda: {})
+        node.set_status(round=1, state="training")  # published before anyone averages
+    return nodes
+
+
+def close(nodes: list[Node]) -> None:
+    for node in nodes:
+        node.close()
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp32"])
+def test_three_peers_get_the_weighted_mean_as_identical_bytes(codec):
+    cfg = SwarmConfig(codec=codec, block_size=256, gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20,
+                      heartbeat_s=0.5)
+    nodes = start_nodes(3, cfg)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        deltas = [torch.randn(NUMEL, generator=gen) * (i + 1) for i in range(3)]
+        weights = [1.0, 2.0, 5.0]
+        with cf.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda i: nodes[i].average(1, deltas[i], weights[i], base="b" * 64), range(3)))
+        expected = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
+        groups = {r.group for r in results}
+        assert len(groups) == 1 and len(results[0].group.members) == 3
+        members = results[0].group.members
+        assert sorted(members) == sorted(n.peer_id for n in nodes)
+        assert list(results[0].group.weights) == [weights[[n.peer_id for n in nodes].index(p)] for p in members]
+        for r in results[1:]:
+            assert torch.equal(r.average, results[0].average)  # byte-identical on every member
+            assert r.average_sha256 == results[0].average_sha256
+        error = (results[0].average - expected).abs()
+        if codec == "fp32":
+            assert error.max() < 1e-5
+        else:
+            # each contribution and the result are within half a step of their block: bound per block
+            bound = sum(w * d.abs().max() / 127 / 2 for w, d in zip(weights, deltas)) / sum(weights)
+            bound += expected.abs().max() / 127 / 2
+            assert error.max() <= bound
+            assert error.mean() < bound / 4
+        for r in results:  # each peer sends and receives 2(N-1)/N of the vector: int8 is ~1/4 of fp32
+            wire = (4 if codec == "fp32" else 1) * NUMEL * 2 * 2 / 3
+            assert 0.9 * wire < r.bytes_sent < 1.3 * wire + 2000
+            assert r.bytes_recv > 0.9 * wire
+    finally:
+        close(nodes)
+
+
+def test_late_peer_is_waited_for_and_a_solo_peer_averages_alone():
+    cfg = SwarmConfig(codec="int8", gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20, heartbeat_s=0.5)
+    nodes = start_nodes(2, cfg)
+    try:
+        delta = torch.ones(NUMEL)
+        with cf.ThreadPoolExecutor(2) as pool:
+            early = pool.submit(nodes[0].average, 1, delta, 1.0, "b" * 64)
+            time.sleep(3)  # the second peer is still "training": the first must wait for it
+            late = pool.submit(nodes[1].average, 1, 3 * delta, 1.0, "b" * 64)
+            a, b = early.result(), late.result()
+        assert len(a.group.members) == 2 and torch.equal(a.average, b.average)
+        assert torch.allclose(a.average, torch.full((NUMEL,), 2.0), atol=2 * 3 / 127)
+    finally:
+        close(nodes)
+
+
+def test_part_bounds_cover_the_vector_block_aligned():
+    for numel, parts in [(10, 3), (1024 * 5 + 1, 4), (1, 2), (4096, 4)]:
+        bounds = part_bounds(numel, parts, 1024)
+        assert bounds[0][0] == 0 and bounds[-1][1] == numel
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(lo % 1024 == 0 for lo, _ in bounds if lo < numel)

@@ -1,0 +1,70 @@
+"""The CLI as users run it: bad input gives one clear line and the contract's exit code, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from conftest import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
+
+UNUSED_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRmh5jauYrrVxUahHrvVbNN54TZW4ppaNabhpPSCYwsQL"
+
+
+def assert_one_line_error(result, code: int, fragment: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and fragment in lines[-1], result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--initial-peers", "/ip4/1.2.3.4/tcp/notaport"], "bad multiaddr"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/4000"], "lacks the peer id"),
+    (["--config", "peers/tiny.toml", "--host-maddrs", "localhost:8080"], "bad multiaddr"),
+    (["--config", "no/such/profile.toml"], "no such file"),
+    (["--config", "peers/tiny.toml", "--data", "no/such/corpus"], "--data"),
+    (["--config", "peers/tiny.toml", "--checkpoint-dir", "/proc/swarm-checkpoints"], "not writable"),
+    (["--config", "peers/tiny.toml", "--run-id", "two words"], "run id"),
+])
+def test_bad_input_exits_2_with_one_line(args, fragment):
+    assert_one_line_error(run_cli("swarm.peer", *args), 2, fragment)
+
+
+def test_bad_profile_value_exits_2(tmp_path):
+    profile = tmp_path / "bad.toml"
+    profile.write_text("[train]\ninner_steps = -5\n")
+    assert_one_line_error(run_cli("swarm.peer", "--config", str(profile)), 2, "must be positive")
+
+
+def test_unreachable_initial_peer_exits_3_quickly():
+    t0 = time.monotonic()
+    result = run_cli("swarm.peer", "--initial-peers", UNUSED_PEER, *LOOPBACK, timeout=60)
+    assert_one_line_error(result, 3, "cannot reach any initial peer")
+    assert time.monotonic() - t0 < 30
+
+
+def test_joining_with_nothing_to_join_exits_2(tmp_path):
+    boot = start_cli("swarm.bootstrap", *LOOPBACK, log_path=str(tmp_path / "boot.log"))
+    try:
+        address = wait_for(lambda: join_address(tmp_path / "boot.log"), 60, "the bootstrap address")
+        result = run_cli("swarm.peer", "--initial-peers", address, *LOOPBACK, timeout=90)
+        assert_one_line_error(result, 2, "no run found in the DHT")
+    finally:
+        assert stop(boot) == 0
+
+
+def test_ctrl_c_leaves_cleanly_and_stops_p2pd(tmp_path):
+    log = tmp_path / "peer.log"
+    peer = start_cli("swarm.peer", "--config", "peers/tiny.toml", *LOOPBACK, log_path=str(log))
+    wait_for(lambda: "--initial-peers" in log.read_text(), 90, "the join command")
+    daemons = [p for p in psutil.Process(peer.pid).children(recursive=True) if "p2pd" in p.name()]
+    assert daemons, "the peer should run a p2pd daemon"
+    os.kill(peer.pid, signal.SIGINT)
+    assert peer.wait(timeout=30) == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
+    psutil.wait_procs(daemons, timeout=10)
+    assert not any(d.is_running() and d.status() != psutil.STATUS_ZOMBIE for d in daemons)
