@@ -82,10 +82,14 @@ class SwarmConfig:
     join_timeout_s: float = 15.0  # how long a follower waits for its leader's group
     allreduce_timeout_s: float = 60.0  # bound on one all-reduce, per stream read
     heartbeat_s: float = 2.0  # liveness record refresh period
+    checkpoint_every: int = 1  # outer steps between checkpoints on disk (with --checkpoint-dir)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
 
     def __post_init__(self):
         _check(self.codec in ("int8", "fp32"), f"swarm.codec must be 'int8' or 'fp32', not {self.codec!r}")
         _check(self.block_size > 0, "swarm.block_size must be positive")
+        _check(self.checkpoint_every > 0 and self.keep_checkpoints > 0,
+               "swarm.checkpoint_every and swarm.keep_checkpoints must be positive")
         _check(min(self.gather_timeout_s, self.join_timeout_s, self.allreduce_timeout_s, self.heartbeat_s) > 0,
                "swarm timeouts must be positive")
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator
 from importlib import resources
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 import torch
+
+from swarm.fsutil import write_atomic
 
 log = logging.getLogger("swarm")
 
@@ -121,7 +122,7 @@ def build_tokenizer(kind: str, text: str, cache_dir: str | os.PathLike | None = 
     bpe_json = _train_bpe(text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, bpe_json.encode("utf-8"))
+        write_atomic(path, bpe_json.encode("utf-8"))
     except OSError as e:  # a cache we cannot write costs a retraining at the next start, nothing more
         log.warning("bpe4k tokenizer not cached in %s: %s", path.parent, e)
     return Tokenizer("bpe4k", bpe_json)
@@ -162,22 +163,8 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike
     ids = np.concatenate([tokenizer.encode(chunk) for chunk in _chunks(text)]).astype("<u2", copy=False)
     path = cache / f"tokens-{key}-{len(ids)}.u16"
     cache.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, memoryview(ids))
+    write_atomic(path, memoryview(ids))
     return np.memmap(path, dtype="<u2", mode="r")
-
-
-def _write_atomic(path: Path, blob: bytes | memoryview) -> None:
-    """Readers see the whole file or none: write a temp file beside it, fsync, then rename over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float = 0.02) -> tuple[np.ndarray, np.ndarray]:

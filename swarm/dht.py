@@ -13,10 +13,13 @@ from typing import Any
 
 import hivemind
 from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from swarm.config import ConfigError, RunConfig
+from swarm.fsutil import write_atomic
 
 log = logging.getLogger("swarm")
 
@@ -41,6 +44,28 @@ def peers_key(run_id: str) -> str:
     return f"{run_id}/peers"
 
 
+def manifest_key(run_id: str) -> str:
+    return f"{run_id}/manifest"
+
+
+def signing_key(identity_path: str | None) -> RSAPrivateKey:
+    """The RSA key that signs our owner-only DHT records; kept beside ``--identity`` so it survives restarts."""
+    if identity_path is None:
+        return RSAPrivateKey.process_wide()
+    path = identity_path + ".rsa"
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    try:
+        with open(path, "rb") as f:
+            key.__setstate__({"_private_key": f.read()})
+        return key
+    except FileNotFoundError:
+        key = RSAPrivateKey()
+        write_atomic(path, key.to_bytes(), mode=0o600)
+        return key
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read signing key {path}: {e}") from None
+
+
 def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> list[Multiaddr]:
     """Validate user-typed multiaddrs before any daemon starts, so a typo is one clear line."""
     out = []
@@ -59,13 +84,17 @@ def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> li
 
 
 def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], announce_maddrs: list[Multiaddr],
-              identity_path: str | None) -> hivemind.DHT:
-    """Start this peer's DHT node (and its p2pd); UnreachableError if no initial peer answers."""
+              identity_path: str | None, key: RSAPrivateKey | None = None) -> hivemind.DHT:
+    """Start this peer's DHT node (and its p2pd); UnreachableError if no initial peer answers.
+
+    Every node validates owner-only records (subkeys that carry an RSA public key) with ``key``'s validator.
+    """
     try:
         return hivemind.DHT(
             initial_peers=[str(m) for m in initial_peers], start=True,
             host_maddrs=[str(m) for m in host_maddrs], announce_maddrs=[str(m) for m in announce_maddrs],
             identity_path=identity_path, check_if_identity_free=False, startup_timeout=20,
+            record_validators=[RSASignatureValidator(key or RSAPrivateKey.process_wide())],
         )
     except P2PDaemonError as e:
         if "bootstrap" in str(e) and initial_peers:
@@ -80,8 +109,9 @@ class SwarmDHT:
     request pipe (not thread-safe) to one writer.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str):
+    def __init__(self, dht: hivemind.DHT, run_id: str, key: RSAPrivateKey | None = None):
         self.dht, self.run_id = dht, run_id
+        self.owner_subkey = RSASignatureValidator(key or RSAPrivateKey.process_wide()).local_public_key
         self._lock = threading.Lock()
 
     async def store(self, key: str, subkey: Any, value: Any, ttl_s: float) -> bool:
@@ -132,3 +162,18 @@ class SwarmDHT:
     async def ready_peers(self, outer_step: int) -> dict[str, dict]:
         return {k: v for k, v in (await self.get_subkeys(outer_key(self.run_id, outer_step))).items()
                 if isinstance(k, str) and isinstance(v, dict)}
+
+    # --- checkpoint manifests ------------------------------------------------------------------
+
+    async def publish_manifest(self, record: dict, ttl_s: float) -> bool:
+        """Our signed record under ``<run>/manifest``: only our key can write this subkey."""
+        return await self.store(manifest_key(self.run_id), self.owner_subkey, record, ttl_s)
+
+    async def manifests(self) -> dict[bytes, dict]:
+        """Holder key -> manifest record {peer, outer_step, manifest, model_sha256, size}, well-formed ones only."""
+        out = {}
+        for subkey, rec in (await self.get_subkeys(manifest_key(self.run_id))).items():
+            if isinstance(rec, dict) and isinstance(rec.get("peer"), str) and isinstance(rec.get("outer_step"), int) \
+                    and isinstance(rec.get("manifest"), str) and len(rec["manifest"]) == 64:
+                out[subkey] = rec
+        return out

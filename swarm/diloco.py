@@ -8,6 +8,7 @@ parameters are θ_local. The averaging of pseudo-gradients happens elsewhere
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -91,8 +92,16 @@ class DiLoCo:
         return model_sha256([self.theta_global])
 
     def state(self) -> dict:
-        """What a joiner needs to continue the run: θ_global, outer momentum and step."""
-        return {"outer_step": self.outer_step, "theta_global": self.theta_global, "momentum": self.momentum}
+        """What a joiner needs to continue the run (a copy): θ_global, outer momentum and step."""
+        return {"outer_step": self.outer_step, "theta_global": self.theta_global.clone(),
+                "momentum": self.momentum.clone()}
+
+    def inner_state(self) -> dict:
+        """A copy of the local AdamW state (never shared; saved in this peer's checkpoints)."""
+        return copy.deepcopy(self.inner_opt.state_dict())
+
+    def load_inner_state(self, inner_state: dict) -> None:
+        self.inner_opt.load_state_dict(inner_state)
 
     def load_state(self, state: dict) -> None:
         theta, momentum = state["theta_global"], state["momentum"]

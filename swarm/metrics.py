@@ -9,27 +9,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections import defaultdict, deque
 from typing import IO, Any
 
 log = logging.getLogger("swarm")
 
 
 class Metrics:
+    """Writes events to the metrics file and keeps the latest of each kind in memory for the dashboard."""
+
+    HISTORY = 2000  # events of each kind kept in memory
+
     def __init__(self, path: str | None, peer_id: str, name: str):
         self.peer_id, self.name = peer_id, name
         self._file: IO[str] | None = open(path, "a", buffering=1, encoding="utf-8") if path else None
+        self.recent: dict[str, deque[dict]] = defaultdict(lambda: deque(maxlen=self.HISTORY))
+        self._lock = threading.Lock()  # the holder thread emits `checkpoint` events too
 
     def emit(self, event: str, **fields: Any) -> dict:
         record = {"event": event, "t": round(time.time(), 3), "peer": self.peer_id, "name": self.name, **fields}
-        if self._file is not None:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        with self._lock:
+            if self._file is not None:
+                self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.recent[event].append(record)
         return record
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_events(path: str, event: str | None = None) -> list[dict]:

@@ -10,23 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Callable, Coroutine
+import time
+from typing import Any, Coroutine
 
 import hivemind
 import torch
 import uvloop
+from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging import Averager, AverageResult
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
-from swarm.state_transfer import StateServer, fetch_state
+from swarm.manifest import ChunkServer, DownloadStats, Manifest, choose_manifest, download
 
 log = logging.getLogger("swarm")
 
 
 class Node:
-    def __init__(self, dht: hivemind.DHT):
-        self.dht = dht
+    def __init__(self, dht: hivemind.DHT, key: RSAPrivateKey | None = None):
+        self.dht, self.key = dht, key
         self.peer_id = dht.peer_id.to_base58()
         self.status: dict[str, Any] = {"round": 1, "state": "starting"}
         self._loop = uvloop.new_event_loop()
@@ -34,15 +36,16 @@ class Node:
         self._thread.start()
         self.p2p = self.call(dht.replicate_p2p())
         self._heartbeat_task = None
+        self.manifest_record: dict | None = None  # what we hold, re-announced with every heartbeat
 
-    def join_run(self, run_id: str, cfg: SwarmConfig, snapshot: Callable[[], dict]) -> None:
+    def join_run(self, run_id: str, cfg: SwarmConfig) -> None:
         """Serve this run's protocols (join, all-reduce, state) and start publishing our liveness record."""
         self.cfg = cfg
-        self.sdht = SwarmDHT(self.dht, run_id)
+        self.sdht = SwarmDHT(self.dht, run_id, self.key)
         self.averager = Averager(self.p2p, self.sdht, self.peer_id, cfg)
-        self.state_server = StateServer(self.p2p, snapshot, cfg.allreduce_timeout_s)
+        self.chunk_server = ChunkServer(self.p2p, cfg.allreduce_timeout_s)
         self.call(self.averager.start())
-        self.call(self.state_server.start())
+        self.call(self.chunk_server.start())
         self._heartbeat_task = asyncio.run_coroutine_threadsafe(self._heartbeat(), self._loop)
 
     def call(self, coro: Coroutine, timeout_s: float | None = None) -> Any:
@@ -52,7 +55,10 @@ class Node:
     def set_status(self, **fields: Any) -> None:
         """Update what our liveness record says; published now and at every heartbeat."""
         self.status.update(fields)
-        self.call(self.sdht.heartbeat(self.peer_id, dict(self.status), self._ttl_s))
+        self.call(self.sdht.heartbeat(self.peer_id, self._record(), self._ttl_s))
+
+    def _record(self) -> dict:
+        return {**self.status, "t": round(time.time(), 1)}
 
     @property
     def _ttl_s(self) -> float:
@@ -61,7 +67,9 @@ class Node:
     async def _heartbeat(self) -> None:
         while True:
             try:
-                await self.sdht.heartbeat(self.peer_id, dict(self.status), self._ttl_s)
+                await self.sdht.heartbeat(self.peer_id, self._record(), self._ttl_s)
+                if self.manifest_record is not None:
+                    await self.sdht.publish_manifest(self.manifest_record, self._ttl_s)
             except Exception as e:  # a DHT hiccup must not stop the heartbeat
                 log.debug("heartbeat failed: %s", e)
             await asyncio.sleep(self.cfg.heartbeat_s)
@@ -72,25 +80,39 @@ class Node:
     def live_peers(self) -> dict[str, dict]:
         return self.call(self.sdht.live_peers())
 
-    def fetch_state_from_swarm(self, numel: int, newer_than: int) -> tuple[dict, int, float, str] | None:
-        """Download a verified θ_global newer than ``newer_than`` outer steps from the most advanced live peer."""
-        live = self.live_peers()
-        holders = sorted((rec["round"] - 1, p) for p, rec in live.items()
-                         if p != self.peer_id and rec["round"] - 1 > newer_than)
-        for _, holder in reversed(holders):
-            try:
-                state, size, seconds = self.call(fetch_state(self.p2p, holder, numel, self.cfg.allreduce_timeout_s))
-                return state, size, seconds, holder
-            except Exception as e:
-                log.warning("state download from %s failed: %s", holder[-6:], e)
-        return None
+    def publish(self, manifest: Manifest, payload: bytes) -> None:
+        """Serve this state and announce it under ``<run>/manifest`` (called from the holder thread)."""
+        record = {"peer": self.peer_id, "outer_step": manifest.outer_step, "manifest": manifest.sha256,
+                  "model_sha256": manifest.model_sha256, "size": manifest.size}
+
+        async def hold_and_announce():
+            self.chunk_server.hold(manifest, payload)
+            self.manifest_record = record
+            await self.sdht.publish_manifest(record, self._ttl_s)
+
+        self.call(hold_and_announce(), timeout_s=30)
+
+    def fetch_state_from_swarm(self, newer_than: int, local: tuple[Manifest, bytes] | None = None
+                               ) -> tuple[Manifest, dict, DownloadStats] | None:
+        """Download and verify the newest state the swarm holds if it is newer than ``newer_than`` outer steps;
+        chunks equal to those of ``local`` (manifest, payload) are reused instead of fetched."""
+        records = {k: r for k, r in self.call(self.sdht.manifests()).items() if r["peer"] != self.peer_id}
+        chosen = choose_manifest(records)
+        if chosen is None or chosen[0]["outer_step"] <= newer_than:
+            return None
+        record, holders = chosen
+        # tell the swarm at once which round we will join, so its groups wait for us while we download
+        self.set_status(round=record["outer_step"] + 1, state="syncing")
+        local_manifest, local_payload = local if local else (None, None)
+        return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
+                                  local_payload=local_payload, local_manifest=local_manifest))
 
     def close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             try:  # tell the swarm at once instead of letting the record expire
                 self.status["state"] = "left"
-                self.call(self.sdht.heartbeat(self.peer_id, dict(self.status), self.cfg.heartbeat_s), timeout_s=5)
+                self.call(self.sdht.heartbeat(self.peer_id, self._record(), self.cfg.heartbeat_s), timeout_s=5)
             except Exception:
                 pass
         try:

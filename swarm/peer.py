@@ -17,21 +17,23 @@ import tempfile
 import threading
 import time
 
-import torch
-
 from swarm import data as swarm_data
 from swarm.averaging import AveragingError, StaleRound
 from swarm.config import ConfigError, RunConfig, load_profile
-from swarm.dht import SwarmDHT, UnreachableError, parse_maddrs, start_dht
+from swarm import checkpoint
+from swarm.dht import SwarmDHT, UnreachableError, parse_maddrs, signing_key, start_dht
 from swarm.diloco import DiLoCo
+from swarm.holder import Holder
+from swarm.manifest import DownloadError
 from swarm.metrics import Metrics, human_bytes
 from swarm.model import build_model
 from swarm.node import Node
+from swarm.wire import WireError
 
 log = logging.getLogger("swarm")
 
 DATA_SHARDS = 16  # peers hash into this many contiguous slices of the corpus
-CONFIG_LOOKUP_S = 30.0  # how long a joiner keeps asking the DHT for the run config
+CONFIG_LOOKUP_S = 20.0  # how long a joiner keeps asking the DHT for the run config
 PROGRESS_EVERY = 10  # inner steps between progress lines and `inner` events
 
 
@@ -50,11 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", help="directory for checkpoints and cached token files")
     p.add_argument("--max-outer-steps", type=int, help="leave cleanly after this outer step")
     p.add_argument("--metrics-file", help="append JSON-lines events here")
+    p.add_argument("--dashboard-port", type=int, help="serve the live dashboard (and /api/status) on this port")
     p.add_argument("--name", help="display name in logs and metrics (default: end of the peer id)")
     p.add_argument("-v", "--verbose", action="store_true", help="more log lines, tracebacks on errors")
     args = p.parse_args(argv)
     if args.max_outer_steps is not None and args.max_outer_steps < 1:
         p.error("--max-outer-steps must be at least 1")
+    if args.dashboard_port is not None and not 0 < args.dashboard_port < 65536:
+        p.error("--dashboard-port must be in 1..65535")
     return args
 
 
@@ -82,7 +87,8 @@ class Peer:
         self.args = args
         self.node: Node | None = None
         self.metrics: Metrics | None = None
-        self._state_lock = threading.Lock()  # the network thread snapshots θ_global while we update it
+        self._dashboard = None
+        self.holder: Holder | None = None
 
     def run(self) -> int:
         args = self.args
@@ -93,7 +99,8 @@ class Peer:
         local = load_profile(args.config, args.run_id) if args.config else None
         corpus = swarm_data.load_text(None)
         text = swarm_data.load_text(args.data) if args.data else corpus
-        self.node = Node(start_dht(initial, host, announce, args.identity))
+        key = signing_key(args.identity)
+        self.node = Node(start_dht(initial, host, announce, args.identity, key), key)
         try:
             cfg, is_new = self._resolve_config(local)
             # The tokenizer comes from the embedded corpus on every peer, so ids agree even with --data.
@@ -113,7 +120,8 @@ class Peer:
         """The run's config from the DHT when it is there (checked against --config), else --config's (new run)."""
         args, node = self.args, self.node
         run_id = args.run_id or (local.run_id if local else None)
-        deadline = time.monotonic() + (CONFIG_LOOKUP_S if args.initial_peers else 0)
+        # a joiner with nothing but --initial-peers may come up before the run's first peer has published
+        deadline = time.monotonic() + (CONFIG_LOOKUP_S if args.initial_peers and local is None else 0)
         while True:
             if run_id is None:
                 runs = node.call(SwarmDHT(node.dht, "_").list_runs())
@@ -135,25 +143,34 @@ class Peer:
 
     def _train(self, cfg: RunConfig, tokenizer: swarm_data.Tokenizer, text: str) -> None:
         args, node = self.args, self.node
+        self.cfg = cfg
         cache_dir = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), "swarm-cache")
         os.makedirs(cache_dir, exist_ok=True)
         tokens, _ = swarm_data.split_tokens(swarm_data.prepare_tokens(text, tokenizer, cache_dir))
-        peer_id = node.peer_id
-        name = args.name or peer_id[-6:]
+        name = args.name or node.peer_id[-6:]
+        # small --data gets fewer shards, so each still holds about a hundred windows
+        shards = max(1, min(DATA_SHARDS, len(tokens) // (100 * (cfg.model.seq_len + 1))))
         sampler = swarm_data.BatchSampler(tokens, cfg.model.seq_len, cfg.train.batch_size,
-                                          seed=swarm_data.peer_seed(peer_id, cfg.train.seed),
-                                          shard=swarm_data.peer_shard(peer_id, DATA_SHARDS), num_shards=DATA_SHARDS)
+                                          seed=swarm_data.peer_seed(node.peer_id, cfg.train.seed),
+                                          shard=swarm_data.peer_shard(node.peer_id, shards), num_shards=shards)
         self.diloco = diloco = DiLoCo(build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed), cfg.train)
-        self.metrics = metrics = Metrics(args.metrics_file, peer_id, name)
+        self.metrics = metrics = Metrics(args.metrics_file, node.peer_id, name)
         node.status.update(name=name, round=1, state="joining", samples=0, compute_s=0.0)
-        node.join_run(cfg.run_id, cfg.swarm, self._snapshot)
+        node.join_run(cfg.run_id, cfg.swarm)
+        self.holder = Holder(cfg.run_id, node.publish, args.checkpoint_dir, cfg.swarm.checkpoint_every,
+                             cfg.swarm.keep_checkpoints, on_saved=self._saved)
+        if args.dashboard_port is not None:
+            from swarm.dashboard import start_dashboard
 
-        source = "peers" if self._sync_from_swarm() else "new"
+            self._dashboard = node.call(start_dashboard(args.dashboard_port, self.status))
+            log.info("dashboard at http://127.0.0.1:%d/", args.dashboard_port)
+
+        source = self._initial_state()
         metrics.emit("joined", run_id=cfg.run_id, outer_step=diloco.outer_step, source=source)
         print_join_command(node, cfg.run_id)
-        log.info("%s %s run %r (%s profile, %.2fM parameters, H=%d) at outer step %d", name,
+        log.info("%s %s run %r (%s profile, %.2fM parameters, H=%d) at outer step %d (from %s)", name,
                  "started" if source == "new" else "joined", cfg.run_id, cfg.profile,
-                 diloco.theta_global.numel() / 1e6, cfg.train.inner_steps, diloco.outer_step)
+                 diloco.theta_global.numel() / 1e6, cfg.train.inner_steps, diloco.outer_step, source)
 
         samples_total, compute_total = 0, 0.0
         losses: list[float] = []
@@ -170,8 +187,9 @@ class Peer:
                     metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(losses[-1], 4),
                                  tokens_per_s=round(tps))
                     log.info("%s step %d inner %d/%d loss %.3f %.0f tok/s", name, k, i + 1,
-                              cfg.train.inner_steps, losses[-1], tps)
+                             cfg.train.inner_steps, losses[-1], tps)
             compute_total += time.monotonic() - t0
+            node.status["tokens_per_s"] = round(cfg.train.inner_steps * x.numel() / (time.monotonic() - t0))
             round_samples += cfg.train.inner_steps * cfg.train.batch_size
             samples_total += cfg.train.inner_steps * cfg.train.batch_size
             node.set_status(state="averaging", samples=samples_total, compute_s=round(compute_total, 1))
@@ -185,8 +203,8 @@ class Peer:
             except AveragingError as e:  # nothing applied: keep local progress, retry at the next round
                 log.warning("%s outer step %d not averaged: %s", name, k, e)
                 continue
-            with self._state_lock:
-                diloco.apply_outer(result.average)
+            diloco.apply_outer(result.average)
+            self._hold_current_state()
             model_hash = diloco.model_sha256()
             mean_loss = sum(losses) / len(losses)
             metrics.emit("outer", outer_step=k, group_size=len(result.group.members), group=list(result.group.members),
@@ -199,27 +217,86 @@ class Peer:
                      model_hash[:12])
             losses, round_samples = [], 0
         node.set_status(round=diloco.outer_step + 1, state="leaving")
+        self.holder.close()  # the last state is published and saved before we go
         metrics.emit("left", reason="max-outer-steps", outer_step=diloco.outer_step)
 
-    def _sync_from_swarm(self) -> bool:
-        """Replace θ_global with a newer one from the swarm, if any live peer is ahead of us."""
-        got = self.node.fetch_state_from_swarm(self.diloco.theta_global.numel(), self.diloco.outer_step)
+    def _initial_state(self) -> str:
+        """Resume from our own checkpoint if it is current, else fetch what we lack from the swarm."""
+        local = None
+        if self.args.checkpoint_dir:
+            loaded = checkpoint.load_latest(self.args.checkpoint_dir, self.cfg.run_id,
+                                            self.diloco.theta_global.numel())
+            if loaded is not None:
+                manifest, payload, state, inner = loaded
+                self.diloco.load_state(state)
+                if inner is not None:
+                    self.diloco.load_inner_state(inner)
+                local = (manifest, payload)
+                log.info("loaded checkpoint of outer step %d from %s", manifest.outer_step, self.args.checkpoint_dir)
+        if self._sync_from_swarm(local):
+            return "peers"
+        if local is not None:
+            self._hold_current_state()
+            return "checkpoint"
+        return "new"
+
+    def _sync_from_swarm(self, local=None) -> bool:
+        """Replace θ_global with the swarm's newest verified one, if it is ahead of ours."""
+        try:
+            got = self.node.fetch_state_from_swarm(self.diloco.outer_step, local)
+        except (DownloadError, WireError) as e:
+            log.warning("could not fetch the swarm's model: %s", e)
+            return False
         if got is None:
             return False
-        state, size, seconds, holder = got
-        with self._state_lock:
-            self.diloco.load_state(state)
-        self.metrics.emit("bootstrap", outer_step=self.diloco.outer_step, bytes=size, sources=1,
-                          seconds=round(seconds, 3), verified=True, holders=[holder])
-        log.info("downloaded outer step %d (%s, verified) from %s in %.1f s", self.diloco.outer_step,
-                 human_bytes(size), holder[-6:], seconds)
+        manifest, state, stats = got
+        self.diloco.load_state(state)
+        self._hold_current_state()
+        self.metrics.emit("bootstrap", outer_step=manifest.outer_step, bytes=stats.bytes, sources=stats.sources,
+                          seconds=round(stats.seconds, 3), verified=True, reused_chunks=stats.reused_chunks,
+                          banned=list(stats.banned), model_sha256=manifest.model_sha256)
+        log.info("downloaded outer step %d (%s from %d peers, %d chunks reused, verified) in %.1f s",
+                 manifest.outer_step, human_bytes(stats.bytes), stats.sources, stats.reused_chunks, stats.seconds)
         return True
 
-    def _snapshot(self) -> dict:
-        with self._state_lock:
-            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.diloco.state().items()}
+    def _hold_current_state(self) -> None:
+        """Publish (and maybe save) the state after an outer step, in the background."""
+        step = self.diloco.outer_step
+        save_now = bool(self.args.checkpoint_dir) and step % self.cfg.swarm.checkpoint_every == 0
+        self.holder.submit(self.diloco.state(), self.diloco.inner_state() if save_now else None)
+
+    def _saved(self, saved: checkpoint.Saved) -> None:
+        self.metrics.emit("checkpoint", outer_step=saved.outer_step, path=saved.path, bytes=saved.bytes,
+                          save_s=round(saved.save_s, 3))
+
+    async def status(self) -> dict:
+        """The dashboard's view: this peer's history of the run and every live peer's DHT record."""
+        live = await self.node.sdht.live_peers()
+        peers = [{"peer_id": p, "name": rec.get("name", p[-6:]), "state": rec.get("state"), "round": rec["round"],
+                  "samples": rec.get("samples", 0), "compute_s": rec.get("compute_s", 0.0),
+                  "tokens_per_s": rec.get("tokens_per_s", 0), "last_seen": rec.get("t")} for p, rec in live.items()]
+        bootstraps = self.metrics.recent["bootstrap"]
+        return {
+            "run_id": self.cfg.run_id, "profile": self.cfg.profile, "outer_step": self.diloco.outer_step,
+            "inner_steps": self.cfg.train.inner_steps,
+            "tokens_seen": sum(int(p["samples"] or 0) for p in peers) * self.cfg.model.seq_len,
+            "self": {"peer_id": self.node.peer_id, "name": self.metrics.name},
+            "peers": sorted(peers, key=lambda p: -float(p["samples"] or 0)),
+            "loss_history": [{"outer_step": e["outer_step"], "loss": e["loss"], "t": e["t"]}
+                             for e in self.metrics.recent["outer"]],
+            "allreduce_history": [{k: e[k] for k in ("outer_step", "allreduce_s", "bytes_sent", "bytes_recv",
+                                                     "group_size", "t")} for e in self.metrics.recent["outer"]],
+            "last_bootstrap": bootstraps[-1] if bootstraps else None,
+        }
 
     def _close(self) -> None:
+        if self.holder is not None:
+            self.holder.close(timeout_s=10)
+        if self._dashboard is not None:
+            try:
+                self.node.call(self._dashboard.cleanup(), timeout_s=5)
+            except Exception:
+                pass
         if self.metrics is not None:
             self.metrics.close()
         if self.node is not None:
@@ -236,9 +313,9 @@ def print_join_command(node: Node, run_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("hivemind", "asyncio"):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for noisy in ("hivemind", "asyncio", "multiaddr"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
     main_pid = os.getpid()
 
@@ -253,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+    threading.excepthook = _thread_failed
     try:
         return Peer(args).run()
     except (ConfigError, swarm_data.DataError) as e:
@@ -269,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}",
               file=sys.stderr)
         return 1
+
+
+def _thread_failed(hook_args) -> None:
+    """One line instead of a traceback when a background thread dies; a helper process that went away first
+    (a process-group kill) is routine and only logged with -v."""
+    routine = issubclass(hook_args.exc_type, (ConnectionError, EOFError))
+    log.log(logging.DEBUG if routine else logging.WARNING, "background thread %s stopped: %s: %s",
+            getattr(hook_args.thread, "name", "?"), hook_args.exc_type.__name__, hook_args.exc_value)
 
 
 if __name__ == "__main__":

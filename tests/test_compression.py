@@ -198,3 +198,6 @@ def test_compiled_kernel_gives_the_eager_bytes(monkeypatch):
         pytest.skip("torch.compile is not available here")
     assert compression._compiled is not None
     assert [encode(x) for x in xs] == eager
+    xs[0][[7, 3000]] = torch.tensor([float("nan"), float("inf")])
+    with pytest.raises(CodecError, match="2 non-finite"):
+        encode(xs[0])

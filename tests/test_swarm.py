@@ -74,3 +74,82 @@ def test_second_terminal_joins_with_only_the_printed_address(tmp_path):
         assert alice[step]["group"] == bob[step]["group"] and alice[step]["group_size"] == 2
         assert alice[step]["model_sha256"] == bob[step]["model_sha256"]
     assert "Traceback" not in a_log.read_text() + b_log.read_text()
+
+
+def start_swarm(tmp_path, n: int, extra: dict[int, list[str]] | None = None):
+    """A bootstrap node and n peers (peer0 starts the run); returns (bootstrap address, processes)."""
+    boot = start_cli("swarm.bootstrap", *LOOPBACK, log_path=str(tmp_path / "boot.log"))
+    address = wait_for(lambda: join_address(tmp_path / "boot.log"), 60, "the bootstrap address")
+    procs = [boot] + [start_peer(tmp_path, i, address, (["--config", "peers/tiny.toml"] if i == 0 else []) +
+                                 (extra or {}).get(i, [])) for i in range(n)]
+    return address, procs
+
+
+def start_peer(tmp_path, i: int, address: str, args: list[str]):
+    return start_cli("swarm.peer", "--initial-peers", address, "--name", f"peer{i}", "--metrics-file",
+                     str(tmp_path / f"peer{i}.jsonl"), *LOOPBACK, *args, log_path=str(tmp_path / f"peer{i}.log"))
+
+
+def stop_all(procs, tmp_path) -> None:
+    codes = [stop(p) for p in reversed(procs)]
+    logs = "".join(p.read_text() for p in tmp_path.glob("peer*.log"))
+    assert codes == [0] * len(codes), logs[-4000:]
+    assert "Traceback" not in logs
+
+
+def test_late_joiner_bootstraps_from_three_holders_and_joins_the_next_group(tmp_path):
+    address, procs = start_swarm(tmp_path, 3)
+    try:
+        wait_for(lambda: all(len(outer_by_step(tmp_path / f"peer{i}.jsonl")) >= 3 for i in range(3)), 120,
+                 "three outer steps on the first three peers")
+        procs.append(start_peer(tmp_path, 3, address, []))
+        wait_for(lambda: len(outer_by_step(tmp_path / "peer3.jsonl")) >= 2, 120, "two outer steps of the joiner")
+    finally:
+        stop_all(procs, tmp_path)
+    joined = read_events(str(tmp_path / "peer3.jsonl"), "joined")[0]
+    boot = read_events(str(tmp_path / "peer3.jsonl"), "bootstrap")[0]
+    assert joined["source"] == "peers" and joined["outer_step"] == boot["outer_step"] >= 3
+    assert boot["verified"] is True and boot["sources"] == 3 and boot["bytes"] > 0 and boot["banned"] == []
+    holders = [outer_by_step(tmp_path / f"peer{i}.jsonl") for i in range(3)]
+    assert all(boot["model_sha256"] == h[boot["outer_step"]]["model_sha256"] for h in holders)
+    late = outer_by_step(tmp_path / "peer3.jsonl")
+    first = min(late)
+    assert first == boot["outer_step"] + 1  # a member of the very next group
+    for step in sorted(late):
+        assert late[step]["group_size"] == 4, late[step]
+        assert all(late[step]["model_sha256"] == h[step]["model_sha256"] for h in holders if step in h)
+
+
+def test_restart_resumes_from_own_checkpoint_or_fetches_what_it_lacks(tmp_path):
+    ck, ident = tmp_path / "ck", tmp_path / "id.key"
+    alone = ["--config", "peers/tiny.toml", "--checkpoint-dir", str(ck), "--identity", str(ident)]
+    first = run_cli("swarm.peer", *alone, "--max-outer-steps", "2", "--metrics-file", str(tmp_path / "solo.jsonl"),
+                    *LOOPBACK, timeout=120)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("swarm.peer", *alone, "--max-outer-steps", "3", "--metrics-file", str(tmp_path / "solo.jsonl"),
+                    *LOOPBACK, timeout=120)
+    assert again.returncode == 0, again.stderr
+    joins = read_events(str(tmp_path / "solo.jsonl"), "joined")
+    assert [(j["source"], j["outer_step"]) for j in joins] == [("new", 0), ("checkpoint", 2)]
+    assert len({j["peer"] for j in joins}) == 1  # --identity kept the peer id
+    saved = read_events(str(tmp_path / "solo.jsonl"), "checkpoint")
+    assert [s["outer_step"] for s in saved] == [1, 2, 2, 3] or [s["outer_step"] for s in saved][-1] == 3
+    assert all(s["bytes"] > 0 and os.path.basename(s["path"]).startswith("step-") for s in saved)
+    solo = outer_by_step(tmp_path / "solo.jsonl")
+    assert sorted(solo) == [1, 2, 3]
+
+    # now the same peer rejoins a swarm that moved past its checkpoint: it fetches the newer state
+    address, procs = start_swarm(tmp_path, 1, extra={0: ["--run-id", "tiny"]})
+    try:
+        wait_for(lambda: len(outer_by_step(tmp_path / "peer0.jsonl")) >= 5, 120, "five outer steps of peer0")
+        procs.append(start_cli("swarm.peer", "--initial-peers", address, "--checkpoint-dir", str(ck), "--identity",
+                               str(ident), "--metrics-file", str(tmp_path / "back.jsonl"), *LOOPBACK,
+                               log_path=str(tmp_path / "peer-back.log")))
+        wait_for(lambda: len(outer_by_step(tmp_path / "back.jsonl")) >= 2, 120, "two outer steps after the restart")
+    finally:
+        stop_all(procs, tmp_path)
+    back = read_events(str(tmp_path / "back.jsonl"), "joined")[0]
+    assert back["source"] == "peers" and back["outer_step"] >= 5 and back["peer"] == joins[0]["peer"]
+    theirs, ours = outer_by_step(tmp_path / "peer0.jsonl"), outer_by_step(tmp_path / "back.jsonl")
+    for step in ours:
+        assert ours[step]["group_size"] == 2 and ours[step]["model_sha256"] == theirs[step]["model_sha256"]

@@ -1,0 +1,57 @@
+"""The live dashboard: one small page and the JSON it polls, served from the peer's network loop.
+
+``/`` is the page (swarm/static/index.html), ``/api/status`` is exactly what the peer's
+``get_status`` returns, ``/static/`` holds the page's script, style and the vendored
+charting library (swarm/static/NOTICE), so the page works with no internet.
+The server shares the event loop that serves the swarm's protocols, so it does no work
+of its own beyond awaiting ``get_status``: a slow browser cannot stall training.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from swarm.config import ConfigError
+
+log = logging.getLogger("swarm")
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+NO_CACHE = {"Cache-Control": "no-store"}  # the page and its data change while the run goes on
+
+
+async def start_dashboard(port: int, get_status: Callable[[], Awaitable[dict]],
+                          host: str = "0.0.0.0") -> web.AppRunner:
+    """Serve the dashboard on host:port; the caller awaits ``runner.cleanup()`` to stop it.
+
+    A port already taken is the user's to fix, so it is a ConfigError (one line, exit 2).
+    """
+
+    async def page(_request: web.Request) -> web.FileResponse:
+        return web.FileResponse(os.path.join(STATIC_DIR, "index.html"), headers=NO_CACHE)
+
+    async def status(_request: web.Request) -> web.Response:
+        try:
+            return web.json_response(await get_status(), headers=NO_CACHE)
+        except Exception as e:  # e.g. a DHT read timing out: the page says so and polls again
+            log.debug("dashboard status failed: %s", e)
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=503, headers=NO_CACHE)
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/api/status", status)
+    app.router.add_static("/static/", STATIC_DIR)
+    runner = web.AppRunner(app, access_log=None)  # a poll every 2 s would flood the peer's log
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--dashboard-port {port} is in use: pick another port") from None
+        raise ConfigError(f"--dashboard-port {port}: cannot listen on {host}: {e.strerror or e}") from None
+    return runner

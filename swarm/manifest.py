@@ -1,0 +1,295 @@
+"""Checkpoint manifests, their gossip through the DHT, and chunked multi-source download with verification.
+
+A holder of θ_global at outer step k packs it (with the outer momentum) into one payload,
+cuts it into chunks and describes it by a manifest: sizes and the sha256 of every chunk.
+The DHT carries only a small signed record per holder, ``<run>/manifest`` with the holder's
+RSA key as subkey, naming the manifest by its sha256 (a model's chunk list can outgrow the
+DHT's ~64 KiB value limit); the manifest itself and the chunks travel over our own stream
+protocol. A joiner picks the newest step, fetches the manifest from any holder, spreads the
+chunks over all holders with several requests in flight to each, verifies every chunk, bans
+a holder that served a bad one, and re-asks another holder on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import msgpack
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from swarm.model import model_sha256
+from swarm.wire import WireError, field, read_blob, read_msg, write_blob, write_msg
+
+log = logging.getLogger("swarm")
+
+CHUNKS = "swarm.chunks"
+FORMAT = "swarm-state-v1"  # payload: θ_global then outer momentum, little-endian fp32
+CHUNK_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 16 << 20
+REQUESTS_IN_FLIGHT = 4  # per holder: hides a round trip per chunk on long links
+
+
+class DownloadError(RuntimeError):
+    """No verified copy of the state could be assembled from the holders we know."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    run_id: str
+    outer_step: int
+    numel: int  # parameters in θ_global
+    model_sha256: str
+    size: int  # payload bytes
+    chunk_size: int
+    chunk_sha256: tuple[str, ...]
+    format: str = FORMAT
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb({**self.__dict__, "chunk_sha256": list(self.chunk_sha256)}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Manifest":
+        if len(blob) > MAX_MANIFEST_BYTES:
+            raise WireError(f"manifest of {len(blob)} bytes is too large")
+        try:
+            d = msgpack.unpackb(blob, raw=False)
+            m = cls(run_id=d["run_id"], outer_step=int(d["outer_step"]), numel=int(d["numel"]),
+                    model_sha256=str(d["model_sha256"]), size=int(d["size"]), chunk_size=int(d["chunk_size"]),
+                    chunk_sha256=tuple(str(h) for h in d["chunk_sha256"]), format=str(d["format"]))
+        except Exception as e:
+            raise WireError(f"malformed manifest: {e}") from None
+        if m.format != FORMAT or m.size != 8 * m.numel or m.chunk_size <= 0 or \
+                len(m.chunk_sha256) != -(-m.size // m.chunk_size):
+            raise WireError("manifest fields are inconsistent")
+        return m
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def chunk(self, payload: bytes | memoryview, index: int) -> memoryview:
+        return memoryview(payload)[index * self.chunk_size:(index + 1) * self.chunk_size]
+
+
+def pack_state(run_id: str, state: dict, chunk_size: int = CHUNK_BYTES) -> tuple[Manifest, bytes]:
+    """(manifest, payload) of a DiLoCo state dict (outer_step, theta_global, momentum)."""
+    theta, momentum = state["theta_global"], state["momentum"]
+    payload = theta.numpy().astype("<f4").tobytes() + momentum.numpy().astype("<f4").tobytes()
+    view = memoryview(payload)
+    hashes = tuple(hashlib.sha256(view[i:i + chunk_size]).hexdigest() for i in range(0, len(payload), chunk_size))
+    manifest = Manifest(run_id, int(state["outer_step"]), theta.numel(), model_sha256([theta]), len(payload),
+                        chunk_size, hashes)
+    return manifest, payload
+
+
+def unpack_state(manifest: Manifest, payload: bytes | bytearray) -> dict:
+    """The state a verified payload holds; WireError if its parameters do not hash to the manifest's model."""
+    flat = torch.frombuffer(bytearray(payload), dtype=torch.float32)
+    theta, momentum = flat[:manifest.numel].clone(), flat[manifest.numel:].clone()
+    if model_sha256([theta]) != manifest.model_sha256:
+        raise WireError("assembled parameters do not match the manifest's model_sha256")
+    return {"outer_step": manifest.outer_step, "theta_global": theta, "momentum": momentum}
+
+
+def verify_chunks(manifest: Manifest, payload: bytes | memoryview) -> list[int]:
+    """Indices of the chunks of ``payload`` whose sha256 differs from the manifest's."""
+    return [i for i, digest in enumerate(manifest.chunk_sha256)
+            if hashlib.sha256(manifest.chunk(payload, i)).hexdigest() != digest]
+
+
+class ChunkServer:
+    """Serves the manifests and chunks this peer holds (the newest few), to any number of downloaders."""
+
+    KEEP = 2  # manifests served at once: the newest, and the one before for downloads in progress
+
+    def __init__(self, p2p: P2P, timeout_s: float):
+        self.p2p, self.timeout_s = p2p, timeout_s
+        self._held: collections.OrderedDict[str, tuple[Manifest, bytes, bytes]] = collections.OrderedDict()
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(CHUNKS, self._serve)
+
+    def hold(self, manifest: Manifest, payload: bytes) -> None:
+        """Start serving ``payload`` under its manifest (call on the network loop)."""
+        self._held[manifest.sha256] = (manifest, manifest.to_bytes(), payload)
+        while len(self._held) > self.KEEP:
+            self._held.popitem(last=False)
+
+    def chunk_bytes(self, manifest: Manifest, payload: bytes, index: int) -> memoryview:
+        """The bytes we send for chunk ``index``; a test subclass overrides this to play a corrupt holder."""
+        return manifest.chunk(payload, index)
+
+    async def _serve(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One stream carries any number of requests, one at a time; a bad request ends the stream."""
+        try:
+            while True:
+                try:
+                    request = await read_msg(reader, self.timeout_s)
+                except WireError:
+                    return  # closed, idle or garbage: drop the stream
+                try:
+                    held = self._held.get(field(request, "manifest", str))
+                    if held is None:
+                        raise WireError("manifest not held here (any more)")
+                    manifest, manifest_blob, payload = held
+                    op = field(request, "op", str)
+                    if op == "manifest":
+                        blob = manifest_blob
+                    elif op == "chunk":
+                        index = field(request, "index", int)
+                        if not 0 <= index < len(manifest.chunk_sha256):
+                            raise WireError(f"chunk index {index} out of range")
+                        blob = self.chunk_bytes(manifest, payload, index)
+                    else:
+                        raise WireError(f"unknown op {op!r}")
+                except WireError as e:
+                    await write_msg(writer, {"error": str(e)})
+                    continue
+                await write_msg(writer, {"size": len(blob)})
+                await write_blob(writer, blob)
+        except Exception as e:  # the downloader went away mid-reply
+            log.debug("chunk stream ended: %s", e)
+        finally:
+            writer.close()
+
+
+@dataclass
+class DownloadStats:
+    bytes: int = 0  # payload bytes fetched over the network
+    reused_chunks: int = 0  # chunks taken from a local copy instead
+    seconds: float = 0.0
+    sources: int = 0  # holders that served at least one verified chunk
+    banned: tuple[str, ...] = ()
+
+
+async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float,
+                   local_payload: bytes | None = None, local_manifest: Manifest | None = None,
+                   in_flight: int = REQUESTS_IN_FLIGHT) -> tuple[Manifest, dict, DownloadStats]:
+    """Assemble and verify the state named ``manifest_sha256`` from ``holders`` (peer ids)."""
+    t0 = time.monotonic()
+    manifest = await _fetch_manifest(p2p, holders, manifest_sha256, timeout_s)
+    payload = bytearray(manifest.size)
+    todo: collections.deque[int] = collections.deque()
+    stats = DownloadStats()
+    for i in range(len(manifest.chunk_sha256)):
+        if local_payload is not None and local_manifest is not None and local_manifest.chunk_size == \
+                manifest.chunk_size and i < len(local_manifest.chunk_sha256) and \
+                local_manifest.chunk_sha256[i] == manifest.chunk_sha256[i]:
+            payload[i * manifest.chunk_size:(i + 1) * manifest.chunk_size] = local_manifest.chunk(local_payload, i)
+            stats.reused_chunks += 1
+        else:
+            todo.append(i)
+    remaining = set(todo)
+    banned: set[str] = set()
+    served: collections.Counter[str] = collections.Counter()
+
+    async def worker(holder: str) -> None:
+        failures = 0
+        stream = None
+        try:
+            while remaining and holder not in banned:
+                if not todo:
+                    await asyncio.sleep(0.02)  # others still in flight may fail and hand chunks back
+                    continue
+                index = todo.popleft()
+                try:
+                    if stream is None:
+                        stream = await asyncio.wait_for(
+                            p2p.call_binary_stream_handler(PeerID.from_base58(holder), CHUNKS), timeout_s)
+                    blob = await _request(stream, manifest_sha256, "chunk", timeout_s, manifest.chunk_size, index)
+                except Exception as e:  # timeout, refused, closed: give the chunk to someone else
+                    todo.append(index)
+                    failures += 1
+                    if stream is not None:
+                        stream[2].close()
+                        stream = None
+                    if failures >= 3:
+                        log.info("download: giving up on holder %s (%s)", holder[-6:], e)
+                        return
+                    continue
+                if hashlib.sha256(blob).hexdigest() != manifest.chunk_sha256[index]:
+                    log.warning("download: holder %s served a corrupt chunk %d: banned", holder[-6:], index)
+                    banned.add(holder)
+                    todo.append(index)
+                    return
+                if index in remaining:
+                    payload[index * manifest.chunk_size:index * manifest.chunk_size + len(blob)] = blob
+                    remaining.discard(index)
+                    served[holder] += 1
+                    stats.bytes += len(blob)
+        finally:
+            if stream is not None:
+                stream[2].close()
+
+    # round-robin over holders, so the first chunks already spread over all of them
+    workers = [asyncio.create_task(worker(h)) for _ in range(in_flight) for h in holders]
+    try:  # workers end on their own (done, banned, or 3 failures); this only bounds a pathological trickle
+        await asyncio.wait_for(asyncio.gather(*workers), timeout_s * (len(todo) + 4))
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        for task in workers:
+            task.cancel()
+    if remaining:
+        raise DownloadError(f"{len(remaining)} of {len(manifest.chunk_sha256)} chunks could not be fetched "
+                            f"from {len(holders)} holders ({len(banned)} banned for corrupt data)")
+    bad = verify_chunks(manifest, payload)
+    if bad:
+        raise DownloadError(f"assembled payload fails verification at chunks {bad[:5]}")
+    state = unpack_state(manifest, payload)
+    stats.seconds, stats.sources, stats.banned = time.monotonic() - t0, len(served), tuple(sorted(banned))
+    return manifest, state, stats
+
+
+async def _fetch_manifest(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float) -> Manifest:
+    errors = []
+    for holder in holders:
+        stream = None
+        try:
+            stream = await asyncio.wait_for(p2p.call_binary_stream_handler(PeerID.from_base58(holder), CHUNKS),
+                                            timeout_s)
+            blob = await _request(stream, manifest_sha256, "manifest", timeout_s, MAX_MANIFEST_BYTES)
+            if hashlib.sha256(blob).hexdigest() != manifest_sha256:
+                raise WireError("manifest does not match its sha256")
+            return Manifest.from_bytes(blob)
+        except Exception as e:
+            errors.append(f"{holder[-6:]}: {e}")
+        finally:
+            if stream is not None:
+                stream[2].close()
+    raise DownloadError(f"no holder served manifest {manifest_sha256[:12]} ({'; '.join(errors)[:300]})")
+
+
+async def _request(stream, manifest_sha256: str, op: str, timeout_s: float, max_bytes: int,
+                   index: int | None = None) -> bytes:
+    _, reader, writer = stream
+    request = {"op": op, "manifest": manifest_sha256}
+    if index is not None:
+        request["index"] = index
+    await write_msg(writer, request)
+    reply = await read_msg(reader, timeout_s)
+    if "error" in reply:
+        raise WireError(str(reply["error"])[:200])
+    size = field(reply, "size", int)
+    if not 0 <= size <= max_bytes:
+        raise WireError(f"reply of {size} bytes exceeds {max_bytes}")
+    return await read_blob(reader, size, timeout_s)
+
+
+def choose_manifest(records: dict[str, dict]) -> tuple[dict, list[str]] | None:
+    """From ``<run>/manifest`` records, the newest outer step, and of its manifests the one most peers hold:
+    (record, holder peer ids)."""
+    groups: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
+    for record in records.values():
+        groups[(record["outer_step"], record["manifest"])].append(record)
+    if not groups:
+        return None
+    (step, _), chosen = max(groups.items(), key=lambda item: (item[0][0], len(item[1])))
+    return chosen[0], sorted({r["peer"] for r in chosen})
+
