@@ -2,7 +2,8 @@
 
 One directory per outer step, ``step-00000012/``: ``state.bin`` (the manifest's payload:
 θ_global and outer momentum), ``manifest.msgpack`` (sizes and chunk hashes, the same
-manifest the peer gossips), ``inner.pt`` (this peer's own AdamW state, never shared). It is
+manifest the peer gossips), ``config.msgpack`` (the run config, so the model can be rebuilt
+from the directory alone), ``inner.pt`` (this peer's own AdamW state, never shared). It is
 written under a temporary name, every file and the directory fsynced, then renamed into
 place, so a crash at any instant leaves the previous checkpoints intact. Loading verifies
 every chunk and the model hash, and falls back to an older checkpoint with a warning.
@@ -19,9 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from swarm.config import ConfigError, RunConfig
 from swarm.fsutil import fsync_dir
 from swarm.manifest import Manifest, unpack_state, verify_chunks
 from swarm.wire import WireError
@@ -33,6 +36,14 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or altered; the message says which and why."""
+
+
+class Loaded(NamedTuple):
+    manifest: Manifest
+    payload: bytes
+    state: dict  # outer_step, theta_global, momentum
+    inner: dict | None  # this peer's AdamW state, if saved and readable
+    config: RunConfig | None  # the run's config, if saved
 
 
 @dataclass
@@ -52,8 +63,8 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, inner_state: dict | None,
-         keep: int) -> Saved:
+def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, keep: int, inner_state: dict | None = None,
+         config: RunConfig | None = None) -> Saved:
     """Write one checkpoint atomically and prune to the newest ``keep``. Raises OSError (e.g. disk full)
     with the previous checkpoints untouched."""
     t0 = time.monotonic()
@@ -64,6 +75,8 @@ def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, inner_stat
     tmp.mkdir(parents=True)
     try:
         files = {"state.bin": payload, "manifest.msgpack": manifest.to_bytes()}
+        if config is not None:
+            files["config.msgpack"] = config.to_bytes()
         if inner_state is not None:
             buffer = io.BytesIO()
             torch.save(inner_state, buffer)
@@ -86,8 +99,8 @@ def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, inner_stat
     return Saved(manifest.outer_step, str(final), sum(len(b) for b in files.values()), time.monotonic() - t0)
 
 
-def load(path: str | os.PathLike) -> tuple[Manifest, bytes, dict, dict | None]:
-    """(manifest, payload, state, inner optimizer state or None) of one checkpoint directory, verified."""
+def load(path: str | os.PathLike) -> Loaded:
+    """One checkpoint directory, verified chunk by chunk and by model hash."""
     path = Path(path)
     try:
         manifest = Manifest.from_bytes((path / "manifest.msgpack").read_bytes())
@@ -106,25 +119,32 @@ def load(path: str | os.PathLike) -> tuple[Manifest, bytes, dict, dict | None]:
         state = unpack_state(manifest, payload)
     except WireError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    config = None
+    if (path / "config.msgpack").exists():
+        try:
+            config = RunConfig.from_bytes((path / "config.msgpack").read_bytes())
+        except (OSError, ConfigError) as e:
+            raise CheckpointError(f"{path}: unreadable run config ({e})") from None
     inner = None
     if (path / "inner.pt").exists():
         try:
             inner = torch.load(path / "inner.pt", weights_only=True)
         except Exception as e:  # local optimizer state is a convenience: the run goes on without it
             log.warning("%s: inner optimizer state unreadable (%s); starting AdamW afresh", path, e)
-    return manifest, payload, state, inner
+    return Loaded(manifest, payload, state, inner, config)
 
 
-def load_latest(root: str | os.PathLike, run_id: str, numel: int):
-    """The newest checkpoint of this run under ``root`` that verifies, or None; broken ones are skipped loudly."""
+def load_latest(root: str | os.PathLike, run_id: str | None = None, numel: int | None = None) -> Loaded | None:
+    """The newest checkpoint under ``root`` that verifies (of this run and size, if given), or None;
+    broken ones are skipped loudly."""
     for path in step_dirs(root):
         try:
             loaded = load(path)
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
             continue
-        manifest = loaded[0]
-        if manifest.run_id != run_id or manifest.numel != numel:
+        manifest = loaded.manifest
+        if run_id is not None and manifest.run_id != run_id or numel is not None and manifest.numel != numel:
             log.warning("skipping checkpoint %s: it belongs to run %r with %d parameters", path, manifest.run_id,
                         manifest.numel)
             continue

@@ -7,8 +7,10 @@ value near 64 KiB kills hivemind's DHT process (shared/HIVEMIND.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import hivemind
@@ -177,3 +179,21 @@ class SwarmDHT:
                     and isinstance(rec.get("manifest"), str) and len(rec["manifest"]) == 64:
                 out[subkey] = rec
         return out
+
+
+async def find_run_config(dht: hivemind.DHT, run_id: str | None, wait_s: float) -> RunConfig | None:
+    """The config of run ``run_id`` (or of the only run in the DHT), polling up to ``wait_s`` for it to appear.
+
+    ConfigError if the DHT holds several runs and none was named.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        if run_id is None:
+            runs = await SwarmDHT(dht, "_").list_runs()
+            if len(runs) > 1:
+                raise ConfigError(f"the swarm has several runs ({', '.join(runs)}): choose one with --run-id")
+            run_id = runs[0] if runs else None
+        found = await SwarmDHT(dht, run_id).fetch_config() if run_id else None
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        await asyncio.sleep(0.5)

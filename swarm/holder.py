@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Callable
 
 from swarm import checkpoint
+from swarm.config import RunConfig
 from swarm.manifest import Manifest, pack_state
 
 log = logging.getLogger("swarm")
 
 
 class Holder:
-    def __init__(self, run_id: str, publish: Callable[[Manifest, bytes], None], checkpoint_dir: str | None,
-                 checkpoint_every: int, keep: int, on_saved: Callable[[checkpoint.Saved], None]):
-        self.run_id, self.publish = run_id, publish
-        self.checkpoint_dir, self.checkpoint_every, self.keep = checkpoint_dir, checkpoint_every, keep
+    def __init__(self, cfg: RunConfig, publish: Callable[[Manifest, bytes], None], checkpoint_dir: str | None,
+                 on_saved: Callable[[checkpoint.Saved], None]):
+        self.cfg, self.publish, self.checkpoint_dir = cfg, publish, checkpoint_dir
         self.on_saved = on_saved
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         if checkpoint_dir:
@@ -50,14 +50,15 @@ class Holder:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             state, inner_state = item
-            manifest, payload = pack_state(self.run_id, state)
+            manifest, payload = pack_state(self.cfg.run_id, state)
             try:
                 self.publish(manifest, payload)
             except Exception as e:  # the network side is closing, or the DHT is unreachable for a moment
                 log.debug("manifest for step %d not published: %s", manifest.outer_step, e)
-            if self.checkpoint_dir and manifest.outer_step % self.checkpoint_every == 0:
+            if self.checkpoint_dir and manifest.outer_step % self.cfg.swarm.checkpoint_every == 0:
                 try:
-                    self.on_saved(checkpoint.save(self.checkpoint_dir, manifest, payload, inner_state, self.keep))
+                    self.on_saved(checkpoint.save(self.checkpoint_dir, manifest, payload, self.cfg.swarm.keep_checkpoints,
+                                                  inner_state, self.cfg))
                 except OSError as e:
                     log.warning("checkpoint of outer step %d not saved (%s); the previous ones are intact, "
                                 "training goes on", manifest.outer_step, e.strerror or e)

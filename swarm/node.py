@@ -38,10 +38,13 @@ class Node:
         self._heartbeat_task = None
         self.manifest_record: dict | None = None  # what we hold, re-announced with every heartbeat
 
-    def join_run(self, run_id: str, cfg: SwarmConfig) -> None:
-        """Serve this run's protocols (join, all-reduce, state) and start publishing our liveness record."""
+    def join_run(self, run_id: str, cfg: SwarmConfig, serve: bool = True) -> None:
+        """Serve this run's protocols (join, all-reduce, chunks) and publish our liveness record; with
+        ``serve=False`` only read the run's records and download from it (a tool, not a member)."""
         self.cfg = cfg
         self.sdht = SwarmDHT(self.dht, run_id, self.key)
+        if not serve:
+            return
         self.averager = Averager(self.p2p, self.sdht, self.peer_id, cfg)
         self.chunk_server = ChunkServer(self.p2p, cfg.allreduce_timeout_s)
         self.call(self.averager.start())

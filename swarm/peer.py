@@ -21,7 +21,7 @@ from swarm import data as swarm_data
 from swarm.averaging import AveragingError, StaleRound
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm import checkpoint
-from swarm.dht import SwarmDHT, UnreachableError, parse_maddrs, signing_key, start_dht
+from swarm.dht import SwarmDHT, UnreachableError, find_run_config, parse_maddrs, signing_key, start_dht
 from swarm.diloco import DiLoCo
 from swarm.holder import Holder
 from swarm.manifest import DownloadError
@@ -119,26 +119,16 @@ class Peer:
     def _resolve_config(self, local: RunConfig | None) -> tuple[RunConfig, bool]:
         """The run's config from the DHT when it is there (checked against --config), else --config's (new run)."""
         args, node = self.args, self.node
-        run_id = args.run_id or (local.run_id if local else None)
         # a joiner with nothing but --initial-peers may come up before the run's first peer has published
-        deadline = time.monotonic() + (CONFIG_LOOKUP_S if args.initial_peers and local is None else 0)
-        while True:
-            if run_id is None:
-                runs = node.call(SwarmDHT(node.dht, "_").list_runs())
-                if len(runs) > 1:
-                    raise ConfigError(f"the swarm has several runs ({', '.join(runs)}): choose one with --run-id")
-                run_id = runs[0] if runs else None
-            remote = node.call(SwarmDHT(node.dht, run_id).fetch_config()) if run_id else None
-            if remote is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        wait_s = CONFIG_LOOKUP_S if args.initial_peers and local is None else 0
+        remote = node.call(find_run_config(node.dht, args.run_id or (local.run_id if local else None), wait_s))
         if remote is not None:
             if local is not None:
                 local.check_compatible(remote)
             return remote, False
         if local is None:
-            raise ConfigError("no run found in the DHT: start one with --config peers/tiny.toml" if run_id is None
-                              else f"run {run_id!r} has no config in the DHT: start it with --config")
+            raise ConfigError("no run found in the DHT: start one with --config peers/tiny.toml" if not args.run_id
+                              else f"run {args.run_id!r} has no config in the DHT: start it with --config")
         return local, True
 
     def _train(self, cfg: RunConfig, tokenizer: swarm_data.Tokenizer, text: str) -> None:
@@ -157,8 +147,7 @@ class Peer:
         self.metrics = metrics = Metrics(args.metrics_file, node.peer_id, name)
         node.status.update(name=name, round=1, state="joining", samples=0, compute_s=0.0)
         node.join_run(cfg.run_id, cfg.swarm)
-        self.holder = Holder(cfg.run_id, node.publish, args.checkpoint_dir, cfg.swarm.checkpoint_every,
-                             cfg.swarm.keep_checkpoints, on_saved=self._saved)
+        self.holder = Holder(cfg, node.publish, args.checkpoint_dir, on_saved=self._saved)
         if args.dashboard_port is not None:
             from swarm.dashboard import start_dashboard
 
@@ -227,12 +216,12 @@ class Peer:
             loaded = checkpoint.load_latest(self.args.checkpoint_dir, self.cfg.run_id,
                                             self.diloco.theta_global.numel())
             if loaded is not None:
-                manifest, payload, state, inner = loaded
-                self.diloco.load_state(state)
-                if inner is not None:
-                    self.diloco.load_inner_state(inner)
-                local = (manifest, payload)
-                log.info("loaded checkpoint of outer step %d from %s", manifest.outer_step, self.args.checkpoint_dir)
+                self.diloco.load_state(loaded.state)
+                if loaded.inner is not None:
+                    self.diloco.load_inner_state(loaded.inner)
+                local = (loaded.manifest, loaded.payload)
+                log.info("loaded checkpoint of outer step %d from %s", loaded.manifest.outer_step,
+                         self.args.checkpoint_dir)
         if self._sync_from_swarm(local):
             return "peers"
         if local is not None:

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from swarm import checkpoint
+from swarm.config import RunConfig
 from swarm.manifest import pack_state
 
 from conftest import ROOT, peer_env
 
 NUMEL = 300_000  # 2.4 MB payload: several 1 MiB chunks
+CONFIG = RunConfig(run_id="ck-test")
 
 
 def state_at(step: int, numel: int = NUMEL) -> dict:
@@ -28,7 +30,7 @@ def state_at(step: int, numel: int = NUMEL) -> dict:
 
 def save_step(root, step: int, keep: int = 3) -> checkpoint.Saved:
     manifest, payload = pack_state("ck-test", state_at(step))
-    return checkpoint.save(root, manifest, payload, {"state": {}, "param_groups": []}, keep)
+    return checkpoint.save(root, manifest, payload, keep, {"state": {}, "param_groups": []}, CONFIG)
 
 
 def test_round_trip_and_keep_last_k(tmp_path):
@@ -36,8 +38,9 @@ def test_round_trip_and_keep_last_k(tmp_path):
         saved = save_step(tmp_path, step, keep=2)
         assert saved.outer_step == step and saved.bytes > 8 * NUMEL
     assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step-00000005", "step-00000004"]
-    manifest, payload, state, inner = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)
+    manifest, payload, state, inner, config = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)
     expected = state_at(5)
+    assert config == CONFIG
     assert manifest.outer_step == 5 and state["outer_step"] == 5
     assert torch.equal(state["theta_global"], expected["theta_global"])
     assert torch.equal(state["momentum"], expected["momentum"])
@@ -61,13 +64,14 @@ def test_truncated_or_altered_checkpoints_are_refused_and_skipped(tmp_path, capl
     with pytest.raises(checkpoint.CheckpointError, match="unreadable manifest"):
         checkpoint.load(newest.parent)
     loaded = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)  # falls back to step 1, loudly
-    assert loaded[0].outer_step == 1
+    assert loaded.manifest.outer_step == 1
     assert "skipping checkpoint" in caplog.text
 
 
 WRITER = """
 import sys
 from swarm import checkpoint
+from swarm.config import RunConfig
 from swarm.manifest import pack_state
 sys.path.insert(0, {tests!r})
 from test_checkpoint import state_at
@@ -76,7 +80,7 @@ print("ready", flush=True)
 while True:
     step += 1
     manifest, payload = pack_state("ck-test", state_at(step))
-    checkpoint.save(sys.argv[1], manifest, payload, None, keep=2)
+    checkpoint.save(sys.argv[1], manifest, payload, keep=2)
     print(step, flush=True)
 """
 
@@ -97,7 +101,7 @@ def test_kill_9_at_random_instants_always_leaves_a_loadable_checkpoint(tmp_path)
         completed = [int(line) for line in writer.stdout.read().split()]
         loaded = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)
         assert loaded is not None, "no loadable checkpoint after a kill"
-        manifest, _, state, _ = loaded
+        manifest, state = loaded.manifest, loaded.state
         assert manifest.outer_step >= max(completed, default=newest)  # nothing reported saved was lost
         assert torch.equal(state["theta_global"], state_at(manifest.outer_step)["theta_global"])
         newest = manifest.outer_step

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import hivemind
 import msgpack
 import pytest
 import torch
