@@ -10,10 +10,14 @@ The code is organised as one outer step flows (shared/DESIGN.md draws it):
 * ``model``    the GPT and ``model_sha256``, the hash that proves replicas agree.
 * ``diloco``   H inner AdamW steps, the pseudo-gradient Δ, the outer Nesterov step.
 * ``compression``  our int8 blockwise codec for Δ on the wire.
-* ``averaging``    deterministic group formation and the all-reduce of Δ.
-* ``state_transfer``  θ_global for a peer that joins late or fell behind.
-* ``wire``     framing and size limits for our own libp2p streams.
-* ``metrics``  JSON-lines events; ``launch`` runs a local swarm; ``bootstrap`` a bare DHT node.
+* ``matchmaking``  deterministic group formation for an outer step, retried without failed peers.
+* ``averaging``    the all-reduce of Δ: byte-identical results, hostile contributions refused or clipped.
+* ``holder``   after each outer step: pack θ_global, serve and announce it (``manifest``), save it
+               (``checkpoint``, atomic, verified on load).
+* ``manifest`` manifests in the DHT and verified multi-source chunk download for late joiners.
+* ``wire``     framing and size limits for our own libp2p streams; ``fsutil`` crash-safe writes.
+* ``metrics``  JSON-lines events; ``dashboard`` the live web page; ``status`` the swarm in a terminal;
+  ``generate`` text from a verified model; ``launch`` a local swarm; ``bootstrap`` a bare DHT node.
 """
 
 __version__ = "0.1.0"

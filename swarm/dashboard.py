@@ -3,8 +3,9 @@
 ``/`` is the page (swarm/static/index.html), ``/api/status`` is exactly what the peer's
 ``get_status`` returns, ``/static/`` holds the page's script, style and the vendored
 charting library (swarm/static/NOTICE), so the page works with no internet.
-The server shares the event loop that serves the swarm's protocols, so it does no work
-of its own beyond awaiting ``get_status``: a slow browser cannot stall training.
+The server runs on the peer's network loop, beside the swarm's protocols, so it does
+little there: files from disk and one ``get_status`` (a DHT read) per poll. Training
+runs on the main thread and never waits for it.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from swarm.manifest import DownloadError
 from swarm.metrics import Metrics, human_bytes
 from swarm.model import build_model
 from swarm.node import Node
+from swarm.status import leaderboard
 from swarm.wire import WireError
 
 log = logging.getLogger("swarm")
@@ -200,7 +201,8 @@ class Peer:
                          weights=list(result.group.weights), loss=round(mean_loss, 4), bytes_sent=result.bytes_sent,
                          bytes_recv=result.bytes_recv, allreduce_s=round(result.allreduce_s, 3),
                          matchmaking_s=round(result.matchmaking_s, 3), model_sha256=model_hash,
-                         average_sha256=result.average_sha256)
+                         average_sha256=result.average_sha256, attempts=result.attempts,
+                         refused=result.refused, clipped=result.clipped)
             log.info("%s outer step %d: group %d, loss %.3f, all-reduce %.2f s, sent %s, model %s", name, k,
                      len(result.group.members), mean_loss, result.allreduce_s, human_bytes(result.bytes_sent),
                      model_hash[:12])
@@ -260,17 +262,14 @@ class Peer:
 
     async def status(self) -> dict:
         """The dashboard's view: this peer's history of the run and every live peer's DHT record."""
-        live = await self.node.sdht.live_peers()
-        peers = [{"peer_id": p, "name": rec.get("name", p[-6:]), "state": rec.get("state"), "round": rec["round"],
-                  "samples": rec.get("samples", 0), "compute_s": rec.get("compute_s", 0.0),
-                  "tokens_per_s": rec.get("tokens_per_s", 0), "last_seen": rec.get("t")} for p, rec in live.items()]
+        peers = leaderboard(await self.node.sdht.live_peers())
         bootstraps = self.metrics.recent["bootstrap"]
         return {
             "run_id": self.cfg.run_id, "profile": self.cfg.profile, "outer_step": self.diloco.outer_step,
             "inner_steps": self.cfg.train.inner_steps,
-            "tokens_seen": sum(int(p["samples"] or 0) for p in peers) * self.cfg.model.seq_len,
+            "tokens_seen": sum(p["samples"] for p in peers) * self.cfg.model.seq_len,
             "self": {"peer_id": self.node.peer_id, "name": self.metrics.name},
-            "peers": sorted(peers, key=lambda p: -float(p["samples"] or 0)),
+            "peers": peers,
             "loss_history": [{"outer_step": e["outer_step"], "loss": e["loss"], "t": e["t"]}
                              for e in self.metrics.recent["outer"]],
             "allreduce_history": [{k: e[k] for k in ("outer_step", "allreduce_s", "bytes_sent", "bytes_recv",

@@ -21,7 +21,7 @@ from typing import Any
 import hivemind
 
 from swarm.config import ConfigError, RunConfig
-from swarm.dht import SwarmDHT, UnreachableError, parse_maddrs, start_dht
+from swarm.dht import SwarmDHT, UnreachableError, find_run_config, parse_maddrs, start_dht
 
 LOOKUP_S = 10.0  # how long to keep asking a freshly joined DHT for the run before giving up
 NAME_MAX_CHARS = 40  # names come from other peers' records: keep a long one from breaking the table
@@ -52,24 +52,16 @@ def _text(value: Any) -> str:
 
 
 async def read_swarm(dht: hivemind.DHT, run_id: str | None) -> tuple[RunConfig, list[dict]]:
-    """The run's config and leaderboard; a run is found the way a joining peer finds it."""
-    deadline = time.monotonic() + LOOKUP_S
-    while True:
-        if run_id is None:
-            runs = await SwarmDHT(dht, "_").list_runs()
-            if len(runs) > 1:
-                raise ConfigError(f"the swarm has several runs ({', '.join(runs)}): choose one with --run-id")
-            run_id = runs[0] if runs else None
-        cfg = await SwarmDHT(dht, run_id).fetch_config() if run_id else None
-        if cfg is not None:
-            return cfg, leaderboard(await SwarmDHT(dht, run_id).live_peers())
-        if time.monotonic() > deadline:
-            raise ConfigError("no run found in the DHT" if run_id is None else f"run {run_id!r} has no config in the DHT")
-        await asyncio.sleep(0.5)
+    """The run's config and leaderboard; the run is found as a joining peer finds it."""
+    cfg = await find_run_config(dht, run_id, LOOKUP_S)
+    if cfg is None:
+        raise ConfigError("no run found in the DHT" if run_id is None else f"run {run_id!r} has no config in the DHT")
+    return cfg, leaderboard(await SwarmDHT(dht, cfg.run_id).live_peers())
 
 
 def summary(cfg: RunConfig, rows: list[dict]) -> dict:
-    """What --json prints: the same keys (and meaning) as the dashboard's /api/status."""
+    """What --json prints: keys as the dashboard's /api/status, where outer_step is the most
+    advanced live peer's last completed step (a dashboard tells its own peer's)."""
     return {"run_id": cfg.run_id, "profile": cfg.profile, "inner_steps": cfg.train.inner_steps,
             "outer_step": max((r["round"] - 1 for r in rows), default=0),
             "tokens_seen": sum(r["samples"] for r in rows) * cfg.model.seq_len, "peers": rows}

@@ -22,7 +22,7 @@ def start_nodes(n: int, cfg: SwarmConfig) -> list[Node]:
                       for _ in range(n - 1)]
     nodes = [Node(d) for d in dhts]
     for node in nodes:
-        node.join_run("avg-test", cfg, snapshot=lambda: {})
+        node.join_run("avg-test", cfg)
         node.set_status(round=1, state="training")  # published before anyone averages
     return nodes
 

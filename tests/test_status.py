@@ -36,7 +36,7 @@ def test_status_lists_a_running_swarm(tmp_path):
 
     assert as_json.returncode == 0, as_json.stderr[-2000:]
     status = json.loads(as_json.stdout)
-    ids = {read_events(str(tmp_path / f), "joined")[0]["peer"]: name for f, name in (("a.jsonl", "alice"), ("b.jsonl", "bob"))}
+    ids = {read_events(str(tmp_path / f"{name[0]}.jsonl"), "joined")[0]["peer"]: name for name in ("alice", "bob")}
     assert (status["run_id"], status["profile"], status["inner_steps"]) == ("tiny", "tiny", 20)
     assert {p["peer_id"]: p["name"] for p in status["peers"]} == ids
     assert all(p["samples"] > 0 and p["round"] >= 2 for p in status["peers"]), "both completed an outer step"
