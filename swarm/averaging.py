@@ -11,7 +11,8 @@ else's (shared/HIVEMIND.md).
 Against hostile or broken peers, the owner refuses a contribution it cannot decode or
 that holds non-finite values, and clips a contribution whose norm exceeds
 ``CLIP_FACTOR`` times the (lower) median norm of the slice's contributions; both are
-reported with the offender's id. A failed attempt (a member died or stalled) raises
+reported with the offender's id. A member refuses a result whose norm is implausibly
+large next to its own contribution (an owner lying about its part) and blames the owner. A failed attempt (a member died or stalled) raises
 nothing to the caller at once: the survivors retry the round without the peers they blame.
 """
 
@@ -192,7 +193,13 @@ class Averager:
                 digest = hashlib.sha256(result).hexdigest()
                 if digest != field(reply, "sha256", str):
                     raise WireError("result failed its sha256 check")
-                average[a:b] = await loop.run_in_executor(None, self.codec.decode, result, b - a)
+                values = await loop.run_in_executor(None, self.codec.decode, result, b - a)
+                # a mean of clipped contributions stays near ours: an owner returning more lies about its part
+                own_norm = float(delta[a:b].norm())
+                if own_norm > 0 and float(values.norm()) > 2 * CLIP_FACTOR * own_norm:
+                    raise WireError(f"result norm {float(values.norm()):.3g} is implausible next to ours "
+                                    f"({own_norm:.3g})")
+                average[a:b] = values
             except Exception as e:
                 raise AveragingError(f"part {j} (owner {owner[-6:]}): {e}", blame={owner}) from None
             return sent, len(result) + HEADER_BYTES, digest

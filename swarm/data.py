@@ -104,6 +104,11 @@ class Tokenizer:
         return self._bpe.decode(ids.tolist())
 
 
+def default_cache_dir() -> Path:
+    """Where trained tokenizers and token files are cached: ``$XDG_CACHE_HOME/swarm`` (``~/.cache/swarm``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swarm"
+
+
 def build_tokenizer(kind: str, text: str, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """``"byte"`` (the 256 UTF-8 byte values) or ``"bpe4k"`` (a 4096-token byte-level BPE trained on ``text``).
 
@@ -115,7 +120,7 @@ def build_tokenizer(kind: str, text: str, cache_dir: str | os.PathLike | None = 
     if kind != "bpe4k":
         raise DataError(f"unknown tokenizer {kind!r}: choose 'byte' or 'bpe4k'")
     if cache_dir is None:
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swarm"
+        cache_dir = default_cache_dir()
     path = Path(cache_dir) / f"bpe4k-{hashlib.sha256(text.encode('utf-8')).hexdigest()}.json"
     if path.is_file():
         return Tokenizer("bpe4k", path.read_text(encoding="utf-8"))

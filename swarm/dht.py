@@ -8,6 +8,8 @@ value near 64 KiB kills hivemind's DHT process (shared/HIVEMIND.md).
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
 import threading
 import time
@@ -16,8 +18,11 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.serializer import MSGPackSerializer
 from multiaddr import Multiaddr
 
 from swarm.config import ConfigError, RunConfig
@@ -28,6 +33,28 @@ log = logging.getLogger("swarm")
 RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a joiner finds the run
 RECORD_MAX_BYTES = 4096
 CONFIG_TTL_S = 7 * 24 * 3600.0
+
+
+class WriteOnceValidator(RecordValidatorBase):
+    """Refuses to overwrite a run's config record (subkey ``"config"``) or its ``swarm/runs`` entry with a
+    different value: the first value a node sees for such a record stays; re-publishing it is allowed."""
+
+    MEMORY = 10_000  # records remembered per node
+
+    def __init__(self):
+        self._config_subkey = MSGPackSerializer.dumps("config")
+        self._runs_key = DHTID.generate(source=RUNS_KEY).to_bytes()
+        self._first: collections.OrderedDict[tuple[bytes, bytes], bytes] = collections.OrderedDict()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.subkey != self._config_subkey and record.key != self._runs_key:
+            return True
+        slot, digest = (record.key, record.subkey), hashlib.sha256(record.value).digest()
+        first = self._first.setdefault(slot, digest)
+        self._first.move_to_end(slot)
+        while len(self._first) > self.MEMORY:
+            self._first.popitem(last=False)
+        return first == digest
 
 
 class UnreachableError(RuntimeError):
@@ -89,14 +116,15 @@ def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], anno
               identity_path: str | None, key: RSAPrivateKey | None = None) -> hivemind.DHT:
     """Start this peer's DHT node (and its p2pd); UnreachableError if no initial peer answers.
 
-    Every node validates owner-only records (subkeys that carry an RSA public key) with ``key``'s validator.
+    Every node checks owner-only records (subkeys that carry an RSA public key) by signature, and never lets
+    a run's config be overwritten.
     """
     try:
         return hivemind.DHT(
             initial_peers=[str(m) for m in initial_peers], start=True,
             host_maddrs=[str(m) for m in host_maddrs], announce_maddrs=[str(m) for m in announce_maddrs],
             identity_path=identity_path, check_if_identity_free=False, startup_timeout=20,
-            record_validators=[RSASignatureValidator(key or RSAPrivateKey.process_wide())],
+            record_validators=[RSASignatureValidator(key or RSAPrivateKey.process_wide()), WriteOnceValidator()],
         )
     except P2PDaemonError as e:
         if "bootstrap" in str(e) and initial_peers:

@@ -282,14 +282,16 @@ async def _request(stream, manifest_sha256: str, op: str, timeout_s: float, max_
     return await read_blob(reader, size, timeout_s)
 
 
-def choose_manifest(records: dict[str, dict]) -> tuple[dict, list[str]] | None:
-    """From ``<run>/manifest`` records, the newest outer step, and of its manifests the one most peers hold:
-    (record, holder peer ids)."""
+def choose_manifest(records: dict[bytes, dict]) -> tuple[dict, list[str]] | None:
+    """From ``<run>/manifest`` records, (record, holder peer ids) of the newest manifest that at least half as
+    many peers hold as the most widely held one: a lone peer claiming a far-ahead step does not win."""
     groups: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
     for record in records.values():
         groups[(record["outer_step"], record["manifest"])].append(record)
     if not groups:
         return None
-    (step, _), chosen = max(groups.items(), key=lambda item: (item[0][0], len(item[1])))
+    most = max(len(holders) for holders in groups.values())
+    eligible = [(key, holders) for key, holders in groups.items() if 2 * len(holders) >= most]
+    _, chosen = max(eligible, key=lambda item: (item[0][0], len(item[1])))
     return chosen[0], sorted({r["peer"] for r in chosen})
 

@@ -99,8 +99,12 @@ class Node:
                                ) -> tuple[Manifest, dict, DownloadStats] | None:
         """Download and verify the newest state the swarm holds if it is newer than ``newer_than`` outer steps;
         chunks equal to those of ``local`` (manifest, payload) are reused instead of fetched."""
-        records = {k: r for k, r in self.call(self.sdht.manifests()).items() if r["peer"] != self.peer_id}
-        chosen = choose_manifest(records)
+        for _ in range(4):  # holders publish a few ms apart after each step: let the newest one settle
+            records = {k: r for k, r in self.call(self.sdht.manifests()).items() if r["peer"] != self.peer_id}
+            chosen = choose_manifest(records)
+            if chosen is None or len(chosen[1]) == len({r["peer"] for r in records.values()}):
+                break
+            time.sleep(0.5)
         if chosen is None or chosen[0]["outer_step"] <= newer_than:
             return None
         record, holders = chosen

@@ -135,8 +135,12 @@ class Peer:
     def _train(self, cfg: RunConfig, tokenizer: swarm_data.Tokenizer, text: str) -> None:
         args, node = self.args, self.node
         self.cfg = cfg
-        cache_dir = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), "swarm-cache")
-        os.makedirs(cache_dir, exist_ok=True)
+        cache_dir = swarm_data.default_cache_dir()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only home: cache in the temp dir instead
+            cache_dir = os.path.join(tempfile.gettempdir(), "swarm-cache")
+            os.makedirs(cache_dir, exist_ok=True)
         tokens, _ = swarm_data.split_tokens(swarm_data.prepare_tokens(text, tokenizer, cache_dir))
         name = args.name or node.peer_id[-6:]
         # small --data gets fewer shards, so each still holds about a hundred windows

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import struct
 import time
 
 import hivemind
 import pytest
 import torch
 
-from swarm.averaging import part_bounds
+from swarm.averaging import Codec, part_bounds
 from swarm.config import SwarmConfig
 from swarm.node import Node
 
@@ -91,3 +92,62 @@ def test_part_bounds_cover_the_vector_block_aligned():
         assert bounds[0][0] == 0 and bounds[-1][1] == numel
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert all(lo % 1024 == 0 for lo, _ in bounds if lo < numel)
+
+
+class NaNScaleCodec(Codec):
+    """A hostile peer's codec: every slice it sends claims a NaN scale."""
+
+    def encode(self, x):
+        blob = bytearray(super().encode(x))
+        blob[0:4] = struct.pack("<f", float("nan"))
+        return bytes(blob)
+
+
+def robust_cfg() -> SwarmConfig:
+    return SwarmConfig(codec="int8", block_size=256, gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20,
+                       heartbeat_s=0.5)
+
+
+def test_non_finite_contributions_are_refused_and_the_offender_named(caplog):
+    """A peer whose every message claims a NaN scale: its slices are refused, its own part's result too,
+    and the honest peers finish the round without it, with identical bytes."""
+    nodes = start_nodes(3, robust_cfg())
+    try:
+        hostile = nodes[2]
+        hostile.averager.codec = NaNScaleCodec("int8", 256)
+        gen = torch.Generator().manual_seed(1)
+        deltas = [torch.randn(NUMEL, generator=gen) for _ in range(3)]
+        with cf.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(n.average, 1, d, 1.0, "b" * 64) for n, d in zip(nodes, deltas)]
+            honest = [f.result() for f in futures[:2]]
+            with pytest.raises(Exception):
+                futures[2].result()
+        assert torch.equal(honest[0].average, honest[1].average)
+        assert honest[0].group.members == tuple(sorted(n.peer_id for n in nodes[:2]))
+        assert honest[0].attempts == 2  # the first attempt failed on the hostile peer's part and was retried
+        assert f"refused the contribution of {hostile.peer_id}" in caplog.text
+        expected = (deltas[0] + deltas[1]) / 2
+        assert (honest[0].average - expected).abs().max() < 2 * 4 / 127
+        assert torch.isfinite(honest[0].average).all()
+    finally:
+        close(nodes)
+
+
+def test_a_pseudo_gradient_scaled_by_a_million_is_clipped_and_named(caplog):
+    nodes = start_nodes(3, robust_cfg())
+    try:
+        gen = torch.Generator().manual_seed(2)
+        deltas = [torch.randn(NUMEL, generator=gen) for _ in range(3)]
+        deltas[1] = deltas[1] * 1e6
+        with cf.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda i: nodes[i].average(1, deltas[i], 1.0, "b" * 64), range(3)))
+        assert all(torch.equal(r.average, results[0].average) for r in results)
+        clipped = {p: s for r in results for p, s in r.clipped.items()}
+        assert set(clipped) == {nodes[1].peer_id} and all(s < 1e-5 for s in clipped.values())
+        assert "clipped the contribution of " + nodes[1].peer_id in caplog.text
+        # the outlier weighs at most CLIP_FACTOR times a normal slice: the result stays the size of an honest Δ
+        assert results[0].average.abs().max() < 10
+        honest_mean = (deltas[0] + deltas[2]) / 3
+        assert (results[0].average - honest_mean).norm() <= 4 / 3 * deltas[0].norm() * 1.1 + 1
+    finally:
+        close(nodes)
