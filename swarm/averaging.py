@@ -120,6 +120,8 @@ class _Part:
     clipped: dict[str, float] = dc_field(default_factory=dict)
     result: asyncio.Future = dc_field(default_factory=lambda: asyncio.get_running_loop().create_future())
     bytes_recv: int = 0
+    handled: int = 0  # member streams served to the end (result sent, or the member went away)
+    all_handled: asyncio.Event = dc_field(default_factory=asyncio.Event)
 
     def complete(self) -> bool:
         return len(self.contributions) + len(self.refused) == len(self.group.members)
@@ -212,6 +214,13 @@ class Averager:
             except asyncio.TimeoutError:
                 missing = set(group.members) - set(part.contributions) - set(part.refused)
                 raise AveragingError(f"no contribution from {', '.join(p[-6:] for p in missing)}", blame=missing)
+            # stay until every member has our part: a peer that leaves right after its last round
+            # must not take a part of that round away from the others
+            try:
+                await asyncio.wait_for(part.all_handled.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.info("round %d: our part reached only %d of %d members in time", group.outer_step,
+                         part.handled, len(group.members) - 1)
         except AveragingError:
             for task in tasks:
                 task.cancel()
@@ -239,6 +248,7 @@ class Averager:
 
     async def _serve_reduce(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.cfg.allreduce_timeout_s
+        part = None
         try:
             request = await read_msg(reader, timeout)
             group_id, peer = field(request, "group_id", str), field(request, "peer", str)
@@ -246,6 +256,7 @@ class Averager:
             group = part.group
             if field(request, "part", int) != group.members.index(self.peer_id) or peer not in group.members \
                     or peer in part.contributions or peer in part.refused:
+                part = None  # not one of the member streams we wait for
                 raise WireError(f"unexpected contribution from {peer[-6:]}")
             try:
                 data = await read_blob(reader, self.codec.size(part.hi - part.lo), timeout)
@@ -268,6 +279,10 @@ class Averager:
                 pass
         finally:
             writer.close()
+            if part is not None:  # this member's stream is done, delivered or not
+                part.handled += 1
+                if part.handled == len(part.group.members) - 1:
+                    part.all_handled.set()
 
     async def _part_of(self, group_id: str, timeout_s: float) -> _Part:
         """Our part of a group; a contribution may arrive just before our own join reply does."""

@@ -132,7 +132,9 @@ class Matchmaker:
                 g.attempt = max(attempts)
                 await self._announce(g)
                 continue
-            ready = {p: info for p, info in ready.items() if p != self.peer_id and info.get("a", 0) == g.attempt}
+            # announcements outlive their peers by up to a minute: only live peers count
+            ready = {p: info for p, info in ready.items()
+                     if p != self.peer_id and p in live and info.get("a", 0) == g.attempt}
             expected = {p for p, rec in live.items() if rec["round"] == k} - excluded - {self.peer_id}
             if expected <= set(ready) or time.monotonic() > deadline:
                 return ready
