@@ -62,6 +62,7 @@ class TrainConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     seed: int = 0  # model init; peers derive their data seeds from it
+    overlap: bool = False  # average in the background while the next round trains (one-step-delayed update)
 
     def __post_init__(self):
         _check(self.batch_size > 0 and self.inner_steps > 0, "train.batch_size and train.inner_steps must be positive")

@@ -73,19 +73,25 @@ class DiLoCo:
         """Δ = θ_global − θ_local, flat fp32."""
         return self.theta_global - flatten(self.params)
 
-    def apply_outer(self, averaged_pseudo_gradient: torch.Tensor) -> None:
-        """Outer Nesterov step on θ_global with the group's averaged Δ, then θ_local ← θ_global."""
+    def apply_outer(self, averaged_pseudo_gradient: torch.Tensor, carry_from: torch.Tensor | None = None) -> None:
+        """Outer Nesterov step on θ_global with the group's averaged Δ, then θ_local ← θ_global.
+
+        ``carry_from``: θ_local (flat) at the moment Δ was taken, for the delayed update of overlapped
+        rounds: the progress made since, θ_local − carry_from, is carried over onto the new θ_global.
+        """
+        progress = None if carry_from is None else flatten(self.params) - carry_from
         nesterov_step(self.theta_global, self.momentum, averaged_pseudo_gradient,
                       self.cfg.outer_lr, self.cfg.outer_momentum)
         self.outer_step += 1
-        self.reset_local()
+        self.reset_local(progress)
 
-    def reset_local(self) -> None:
-        """θ_local ← θ_global (the inner AdamW state stays local and is kept, as in DiLoCo)."""
+    def reset_local(self, progress: torch.Tensor | None = None) -> None:
+        """θ_local ← θ_global (+ ``progress``); the inner AdamW state stays local and is kept, as in DiLoCo."""
+        local = self.theta_global if progress is None else self.theta_global + progress
         with torch.no_grad():
             offset = 0
             for p in self.params:
-                p.copy_(self.theta_global[offset:offset + p.numel()].view_as(p))
+                p.copy_(local[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
 
     def model_sha256(self) -> str:

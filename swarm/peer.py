@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 import logging
 import os
 import signal
@@ -17,12 +19,14 @@ import tempfile
 import threading
 import time
 
+import torch
+
 from swarm import data as swarm_data
 from swarm.averaging import AveragingError, StaleRound
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm import checkpoint
 from swarm.dht import SwarmDHT, UnreachableError, find_run_config, parse_maddrs, signing_key, start_dht
-from swarm.diloco import DiLoCo
+from swarm.diloco import DiLoCo, flatten
 from swarm.holder import Holder
 from swarm.manifest import DownloadError
 from swarm.metrics import Metrics, human_bytes
@@ -166,54 +170,101 @@ class Peer:
                  "started" if source == "new" else "joined", cfg.run_id, cfg.profile,
                  diloco.theta_global.numel() / 1e6, cfg.train.inner_steps, diloco.outer_step, source)
 
-        samples_total, compute_total = 0, 0.0
-        losses: list[float] = []
-        round_samples = 0
-        while args.max_outer_steps is None or diloco.outer_step < args.max_outer_steps:
-            k = diloco.outer_step + 1
-            node.set_status(round=k, state="training", samples=samples_total, compute_s=round(compute_total, 1))
-            t0 = time.monotonic()
-            for i in range(cfg.train.inner_steps):
-                x, y = sampler.next_batch()
-                losses.append(diloco.inner_step(x, y, i))
-                if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == cfg.train.inner_steps:
-                    tps = (i + 1) * x.numel() / (time.monotonic() - t0)
-                    metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(losses[-1], 4),
-                                 tokens_per_s=round(tps))
-                    log.info("%s step %d inner %d/%d loss %.3f %.0f tok/s", name, k, i + 1,
-                             cfg.train.inner_steps, losses[-1], tps)
-            compute_total += time.monotonic() - t0
-            node.status["tokens_per_s"] = round(cfg.train.inner_steps * x.numel() / (time.monotonic() - t0))
-            round_samples += cfg.train.inner_steps * cfg.train.batch_size
-            samples_total += cfg.train.inner_steps * cfg.train.batch_size
-            node.set_status(state="averaging", samples=samples_total, compute_s=round(compute_total, 1))
-            try:
-                result = node.average(k, diloco.pseudo_gradient(), round_samples, diloco.model_sha256())
-            except StaleRound as e:
-                log.info("%s %s: fetching the swarm's model", name, e)
-                self._sync_from_swarm()
-                losses, round_samples = [], 0
-                continue
-            except AveragingError as e:  # nothing applied: keep local progress, retry at the next round
-                log.warning("%s outer step %d not averaged: %s", name, k, e)
-                continue
-            diloco.apply_outer(result.average)
-            self._hold_current_state()
-            model_hash = diloco.model_sha256()
-            mean_loss = sum(losses) / len(losses)
-            metrics.emit("outer", outer_step=k, group_size=len(result.group.members), group=list(result.group.members),
-                         weights=list(result.group.weights), loss=round(mean_loss, 4), bytes_sent=result.bytes_sent,
-                         bytes_recv=result.bytes_recv, allreduce_s=round(result.allreduce_s, 3),
-                         matchmaking_s=round(result.matchmaking_s, 3), model_sha256=model_hash,
-                         average_sha256=result.average_sha256, attempts=result.attempts,
-                         refused=result.refused, clipped=result.clipped)
-            log.info("%s outer step %d: group %d, loss %.3f, all-reduce %.2f s, sent %s, model %s", name, k,
-                     len(result.group.members), mean_loss, result.allreduce_s, human_bytes(result.bytes_sent),
-                     model_hash[:12])
-            losses, round_samples = [], 0
+        self.sampler, self.name = sampler, name
+        self._train_rounds()
         node.set_status(round=diloco.outer_step + 1, state="leaving")
         self.holder.close()  # the last state is published and saved before we go
         metrics.emit("left", reason="max-outer-steps", outer_step=diloco.outer_step)
+
+    def _train_rounds(self) -> None:
+        """Train round after round; each round's Δ is averaged on the network thread.
+
+        Without overlap the next round starts once the average is applied. With ``train.overlap``
+        it starts at once, and the average, when it arrives, is applied with a one-step delay: the
+        outer step moves θ_global and the local progress made meanwhile is carried over onto it
+        (Streaming DiLoCo, arXiv 2501.18512, with the whole model as one fragment).
+        """
+        cfg, node, diloco, max_steps = self.cfg, self.node, self.diloco, self.args.max_outer_steps
+        self.samples_total, self.compute_total, self._resynced = 0, 0.0, False
+        pending: _Pending | None = None
+        losses: list[float] = []
+        round_samples = 0  # samples in θ_local's progress since θ_global (several rounds after a failure)
+        with ThreadPoolExecutor(1, thread_name_prefix="swarm-average") as pool:
+            while max_steps is None or diloco.outer_step + (pending is not None) < max_steps:
+                k_train = diloco.outer_step + 1 + (pending is not None)
+                node.set_status(round=diloco.outer_step + 1, state="training", samples=self.samples_total,
+                                compute_s=round(self.compute_total, 1))
+                for i in range(cfg.train.inner_steps):
+                    losses.append(self._inner_step(k_train, i))
+                    if pending is not None and pending.future.done():
+                        round_samples += self._settle(pending)
+                        pending = None
+                round_samples += cfg.train.inner_steps * cfg.train.batch_size
+                self.samples_total += cfg.train.inner_steps * cfg.train.batch_size
+                node.set_status(state="averaging", samples=self.samples_total, compute_s=round(self.compute_total, 1))
+                if pending is not None:  # the previous round's average is still on the wire: wait for it
+                    round_samples += self._settle(pending)
+                    pending = None
+                if self._resynced:  # θ_local was replaced by the swarm's model: this round's work is void
+                    self._resynced, losses, round_samples = False, [], 0
+                    continue
+                snapshot = flatten(diloco.params) if cfg.train.overlap else None
+                future = pool.submit(node.average, diloco.outer_step + 1, diloco.pseudo_gradient(), round_samples,
+                                     diloco.model_sha256())
+                pending = _Pending(diloco.outer_step + 1, future, snapshot, losses, round_samples)
+                losses, round_samples = [], 0
+                if not cfg.train.overlap:
+                    round_samples += self._settle(pending)
+                    pending, self._resynced = None, False  # the next round starts from whatever θ we now hold
+            if pending is not None:
+                self._settle(pending)
+
+    def _inner_step(self, k: int, i: int) -> float:
+        t0 = time.monotonic()
+        x, y = self.sampler.next_batch()
+        loss = self.diloco.inner_step(x, y, i)
+        elapsed = time.monotonic() - t0
+        self.compute_total += elapsed
+        self._tokens_per_s = 0.9 * getattr(self, "_tokens_per_s", x.numel() / elapsed) + 0.1 * x.numel() / elapsed
+        self.node.status["tokens_per_s"] = round(self._tokens_per_s)
+        if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == self.cfg.train.inner_steps:
+            self.metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(loss, 4),
+                              tokens_per_s=round(self._tokens_per_s))
+            log.info("%s step %d inner %d/%d loss %.3f %.0f tok/s", self.name, k, i + 1, self.cfg.train.inner_steps,
+                     loss, self._tokens_per_s)
+        return loss
+
+    def _settle(self, pending: "_Pending") -> int:
+        """Wait for a round's average and apply it. Returns the samples still to be averaged: the round's own
+        when its average failed and nothing was applied (θ_global stays, local progress is kept), else 0."""
+        diloco = self.diloco
+        t0 = time.monotonic()
+        try:
+            result = pending.future.result()
+        except StaleRound as e:
+            log.info("%s %s: fetching the swarm's model", self.name, e)
+            self._resynced = self._sync_from_swarm() or self._resynced
+            return 0
+        except AveragingError as e:
+            log.warning("%s outer step %d not averaged: %s", self.name, pending.outer_step, e)
+            return pending.samples
+        wait_s = time.monotonic() - t0
+        diloco.apply_outer(result.average, carry_from=pending.snapshot)
+        self._hold_current_state()
+        model_hash = diloco.model_sha256()
+        mean_loss = sum(pending.losses) / max(len(pending.losses), 1)
+        self.metrics.emit(
+            "outer", outer_step=pending.outer_step, group_size=len(result.group.members),
+            group=list(result.group.members), weights=list(result.group.weights), loss=round(mean_loss, 4),
+            bytes_sent=result.bytes_sent, bytes_recv=result.bytes_recv, allreduce_s=round(result.allreduce_s, 3),
+            matchmaking_s=round(result.matchmaking_s, 3), wait_s=round(wait_s, 3), model_sha256=model_hash,
+            average_sha256=result.average_sha256, attempts=result.attempts, refused=result.refused,
+            clipped=result.clipped)
+        log.info("%s outer step %d: group %d, loss %.3f, all-reduce %.2f s, waited %.2f s, sent %s, model %s",
+                 self.name, pending.outer_step, len(result.group.members), mean_loss, result.allreduce_s, wait_s,
+                 human_bytes(result.bytes_sent), model_hash[:12])
+        self.node.set_status(round=diloco.outer_step + 1)
+        return 0
 
     def _initial_state(self) -> str:
         """Resume from our own checkpoint if it is current, else fetch what we lack from the swarm."""
@@ -293,6 +344,17 @@ class Peer:
             self.metrics.close()
         if self.node is not None:
             self.node.close()
+
+
+@dataclass
+class _Pending:
+    """A round whose Δ is being averaged on the network thread."""
+
+    outer_step: int
+    future: Future
+    snapshot: torch.Tensor | None  # θ_local when Δ was taken (overlap: progress since is carried over)
+    losses: list[float]
+    samples: int
 
 
 def print_join_command(node: Node, run_id: str) -> None:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from swarm.config import ModelConfig, TrainConfig
-from swarm.diloco import DiLoCo, inner_lr, nesterov_step
+from swarm.diloco import DiLoCo, flatten, inner_lr, nesterov_step
 from swarm.model import build_model, model_sha256
 
 
@@ -84,3 +84,41 @@ def test_inner_steps_reduce_the_loss_and_state_round_trips():
     other.load_state(peer.state())
     assert other.outer_step == 1 and other.model_sha256() == peer.model_sha256()
     assert torch.equal(other.momentum, peer.momentum)
+
+
+def _trained_pair(steps: int = 5):
+    cfg = TrainConfig(inner_lr=3e-3, warmup_steps=1)
+    peers = [DiLoCo(build_model(ModelConfig(n_layer=1, d_model=32, n_head=2, seq_len=16), 16, seed=0), cfg)
+             for _ in range(2)]
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 16, (4, 17), generator=gen) for _ in range(steps)]
+    for peer in peers:
+        for i, b in enumerate(batches):
+            peer.inner_step(b[:, :-1], b[:, 1:], i)
+    return peers
+
+
+def test_delayed_outer_update_with_a_zero_latency_average_equals_the_plain_update():
+    plain, delayed = _trained_pair()
+    averaged = plain.pseudo_gradient() * 0.5  # any average: the same bytes for both
+    snapshot = flatten(delayed.params)  # overlap: Δ taken here, and the average arrives at once
+    plain.apply_outer(averaged)
+    delayed.apply_outer(averaged, carry_from=snapshot)
+    assert torch.equal(plain.theta_global, delayed.theta_global)
+    assert torch.equal(flatten(plain.params), flatten(delayed.params))
+    assert plain.model_sha256() == delayed.model_sha256()
+
+
+def test_delayed_outer_update_carries_the_progress_made_meanwhile():
+    _, delayed = _trained_pair()
+    theta_before = delayed.theta_global.clone()
+    averaged = delayed.pseudo_gradient()
+    snapshot = flatten(delayed.params)
+    x = torch.randint(0, 16, (4, 17), generator=torch.Generator().manual_seed(9))
+    delayed.inner_step(x[:, :-1], x[:, 1:], 5)  # the next round goes on while the average travels
+    progress = flatten(delayed.params) - snapshot
+    delayed.apply_outer(averaged, carry_from=snapshot)
+    # by hand: momentum 0 -> m = Δ; θ = θ0 - lr (Δ + 0.9 Δ); θ_local = θ + progress
+    expected_theta = theta_before - 0.7 * 1.9 * averaged
+    assert torch.allclose(delayed.theta_global, expected_theta, atol=1e-6)
+    assert torch.allclose(flatten(delayed.params), expected_theta + progress, atol=1e-6)

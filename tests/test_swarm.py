@@ -153,3 +153,18 @@ def test_restart_resumes_from_own_checkpoint_or_fetches_what_it_lacks(tmp_path):
     theirs, ours = outer_by_step(tmp_path / "peer0.jsonl"), outer_by_step(tmp_path / "back.jsonl")
     for step in ours:
         assert ours[step]["group_size"] == 2 and ours[step]["model_sha256"] == theirs[step]["model_sha256"]
+
+
+def test_overlapped_rounds_keep_both_peers_on_one_model(tmp_path):
+    """train.overlap: each round's average travels while the next round trains, applied one step late."""
+    profile = tmp_path / "overlap.toml"
+    profile.write_text(open(os.path.join(ROOT, "peers", "tiny.toml")).read().replace("seed = 0", "seed = 0\noverlap = true"))
+    result = run_cli("swarm.launch", "--peers", "2", "--outer-steps", "4", "--config", str(profile), "--workdir",
+                     str(tmp_path / "run"), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    peers = [outer_by_step(tmp_path / "run" / f"peer{i}.jsonl") for i in range(2)]
+    assert sorted(peers[0]) == sorted(peers[1]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert peers[0][step]["model_sha256"] == peers[1][step]["model_sha256"]
+        assert peers[0][step]["group_size"] == 2 and "wait_s" in peers[0][step]
+    assert peers[0][4]["loss"] < peers[0][1]["loss"]

@@ -1,0 +1,99 @@
+"""The emulated WAN of bench/: namespaces come and go cleanly, links run at their set rate and delay,
+the swarm's all-reduce is exact across namespaces, and an interrupted benchmark leaves nothing behind.
+
+Needs root and iproute2 (`ip`, `tc`); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from bench.allreduce import parse_args, run_system
+from bench.netns import Topology, missing_requirements
+from bench.allreduce_worker import pattern
+from conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def links_here() -> set[str]:
+    """Interface names in the test's own namespace: the builder must never add one here."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip() for line in out.splitlines()}
+
+
+def test_topology_builds_delays_and_removes_its_namespaces():
+    links_before = links_here()
+    with Topology(peers=2, rate_mbit=100) as topo:
+        assert {topo.router, *topo.namespaces} <= netns_names()
+        assert topo.probe_rtt_ms(0, 1) < 5.0  # no delay line yet
+        topo.set_latency_ms(20)
+        rtt_ms = topo.probe_rtt_ms(1, 0)
+        assert 40.0 <= rtt_ms < 48.0  # 20 ms each way, a few ms of scheduling at most
+        assert links_here() == links_before
+    assert not {ns for ns in netns_names() if ns.startswith(topo.prefix)}
+    assert links_here() == links_before
+    assert topo.delay_stats and topo.delay_stats[0]["packets"] > 0 and topo.delay_stats[0]["dropped"] == 0
+
+
+def test_shaped_link_measures_within_ten_percent_of_its_rate():
+    with Topology(peers=2, rate_mbit=50) as topo:
+        for src, dst in ((0, 1), (1, 0)):
+            mbit = topo.probe_bandwidth_mbit(src, dst, max_s=1.5)
+            assert abs(mbit - 50) <= 5, f"{src}->{dst}: {mbit:.1f} Mbit/s"
+
+
+def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_path):
+    numel, weights = 100_000, [1.0, 2.0, 5.0]
+    with Topology(peers=3, rate_mbit=1000) as topo:
+        (replies,) = run_system(topo, "swarm", 3, numel, "int8", 1, parse_args([]), str(tmp_path), "t3",
+                                weights=weights)
+    # peer i sends (i + 1) * pattern with weight w_i: the mean is (1*1 + 2*2 + 5*3) / 8 = 2.5 times the
+    # pattern, integers times a dyadic scale that the int8 codec carries exactly
+    expected_head = (pattern(4) * 2.5).tolist()
+    assert [r["group_size"] for r in replies] == [3, 3, 3]
+    assert all(r["head"] == expected_head for r in replies), [r["head"] for r in replies]
+    assert [r["max_abs_err"] for r in replies] == [0.0, 0.0, 0.0]
+    assert len({r["result_sha256"] for r in replies}) == 1  # byte-identical averages on every peer
+    assert len({r["average_sha256"] for r in replies}) == 1
+    # each peer sends about 2(N-1)/N of the int8 vector (parts are block-aligned, so not exactly equal)
+    wire = 2 * 2 / 3 * (numel + 4 * -(-numel // 1024))
+    assert all(abs(r["app_sent_bytes"] - wire) < 0.03 * wire for r in replies), [r["app_sent_bytes"] for r in replies]
+    assert all(r["tx_bytes"] >= 0.97 * wire for r in replies)
+
+
+def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
+    links_before = links_here()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.allreduce", "--peers", "2", "--size-mb", "1", "--latency", "20ms",
+         "--rounds", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+         "--log-dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prefix = f"swb-{proc.pid}-"
+    try:
+        def pids_inside() -> list[int]:
+            mine = [ns for ns in netns_names() if ns.startswith(prefix)]
+            return [int(pid) for ns in mine for pid in
+                    subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+
+        inside = wait_for(lambda: len(pids_inside()) >= 2 and pids_inside(), 60, "workers inside the namespaces")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    assert not {ns for ns in netns_names() if ns.startswith(prefix)}
+    assert links_here() == links_before
+    assert not [pid for pid in inside if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
