@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench bench-wan clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.compression
+
+# needs root: network namespaces, veths and tc (see README)
+bench-wan: $(STAMP)
+	$(PY) -m bench.allreduce
 
 clean:
 	rm -rf $(VENV) build *.egg-info

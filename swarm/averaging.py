@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass, field as dc_field
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm import compression
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
 from swarm.matchmaking import AveragingError, Group, Matchmaker, StaleRound
-from swarm.wire import WireError, field, read_blob, read_msg, write_blob, write_msg
+from swarm.wire import WireError, field, open_stream, read_blob, read_msg, write_blob, write_msg
 
 log = logging.getLogger("swarm")
 
@@ -131,7 +131,7 @@ class Averager:
     """Serves and drives the all-reduce of one peer; lives on the peer's network event loop."""
 
     def __init__(self, p2p: P2P, sdht: SwarmDHT, peer_id: str, cfg: SwarmConfig):
-        self.p2p, self.peer_id, self.cfg = p2p, peer_id, cfg
+        self.p2p, self.sdht, self.peer_id, self.cfg = p2p, sdht, peer_id, cfg
         self.matchmaker = Matchmaker(p2p, sdht, peer_id, cfg)
         self.codec = Codec(cfg.codec, cfg.block_size)
         self._parts: dict[str, _Part] = {}  # group id -> our part, while an attempt runs
@@ -141,7 +141,18 @@ class Averager:
         await self.p2p.add_binary_stream_handler(REDUCE, self._serve_reduce)
 
     async def average(self, outer_step: int, delta: torch.Tensor, weight: float, base: str) -> AverageResult:
-        """All-reduce ``delta`` (flat fp32) with the peers of round ``outer_step``, weighted by samples."""
+        """All-reduce ``delta`` (flat fp32) with the peers of round ``outer_step``, weighted by samples.
+
+        Bounded in time as a whole, whatever the peers do: AveragingError past the sum of its phases' timeouts."""
+        cfg = self.cfg
+        limit_s = MAX_ATTEMPTS * (cfg.gather_timeout_s + 2 * cfg.join_timeout_s + 3 * cfg.allreduce_timeout_s)
+        try:
+            return await asyncio.wait_for(self._average(outer_step, delta, weight, base), limit_s)
+        except asyncio.TimeoutError:
+            self.matchmaker.abandon(outer_step)
+            raise AveragingError(f"round {outer_step} did not finish within {limit_s:.0f} s") from None
+
+    async def _average(self, outer_step: int, delta: torch.Tensor, weight: float, base: str) -> AverageResult:
         t0 = time.monotonic()
         excluded: set[str] = set()
         attempt = 0
@@ -181,8 +192,7 @@ class Averager:
             owner = group.members[j]
             try:
                 payload = await loop.run_in_executor(None, self.codec.encode, delta[a:b])
-                _, reader, writer = await asyncio.wait_for(
-                    self.p2p.call_binary_stream_handler(PeerID.from_base58(owner), REDUCE), timeout)
+                _, reader, writer = await open_stream(self.p2p, owner, REDUCE, timeout, self.sdht.addresses)
                 try:
                     sent = await write_msg(writer, {"group_id": group.group_id, "peer": self.peer_id, "part": j})
                     sent += await write_blob(writer, payload)

@@ -33,6 +33,7 @@ log = logging.getLogger("swarm")
 RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a joiner finds the run
 RECORD_MAX_BYTES = 4096
 CONFIG_TTL_S = 7 * 24 * 3600.0
+DHT_TIMEOUT_S = 20.0  # a DHT request that takes longer failed (its process or daemon is gone)
 
 
 class WriteOnceValidator(RecordValidatorBase):
@@ -142,18 +143,19 @@ class SwarmDHT:
     def __init__(self, dht: hivemind.DHT, run_id: str, key: RSAPrivateKey | None = None):
         self.dht, self.run_id = dht, run_id
         self.owner_subkey = RSASignatureValidator(key or RSAPrivateKey.process_wide()).local_public_key
+        self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs from its liveness record
         self._lock = threading.Lock()
 
     async def store(self, key: str, subkey: Any, value: Any, ttl_s: float) -> bool:
         with self._lock:
             future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey, return_future=True)
-        return bool(await future)
+        return bool(await asyncio.wait_for(future, DHT_TIMEOUT_S))
 
     async def get_subkeys(self, key: str) -> dict[str, Any]:
         """{subkey: value} of a dictionary record; anything else reads as empty."""
         with self._lock:
             future = self.dht.get(key, latest=True, return_future=True)
-        found = await future
+        found = await asyncio.wait_for(future, DHT_TIMEOUT_S)
         if found is None or not isinstance(found.value, dict):
             return {}
         return {k: v.value for k, v in found.value.items() if hasattr(v, "value")}
@@ -183,8 +185,14 @@ class SwarmDHT:
 
     async def live_peers(self) -> dict[str, dict]:
         """peer id -> its latest liveness record (name, outer_step, state, samples, compute_s, ...)."""
-        return {k: v for k, v in (await self.get_subkeys(peers_key(self.run_id))).items()
-                if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("round"), int) and v.get("state") != "left"}
+        live = {k: v for k, v in (await self.get_subkeys(peers_key(self.run_id))).items()
+                if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("round"), int)
+                and v.get("state") != "left"}
+        for peer, record in live.items():
+            maddrs = record.get("maddrs")
+            if isinstance(maddrs, list) and all(isinstance(m, str) and len(m) < 256 for m in maddrs[:4]):
+                self.addresses[peer] = maddrs[:4]
+        return live
 
     async def announce_ready(self, outer_step: int, peer_id: str, info: dict, ttl_s: float) -> None:
         await self.store(outer_key(self.run_id, outer_step), peer_id, info, ttl_s)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import msgpack
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm.model import model_sha256
-from swarm.wire import WireError, field, read_blob, read_msg, write_blob, write_msg
+from swarm.wire import WireError, field, open_stream, read_blob, read_msg, write_blob, write_msg
 
 log = logging.getLogger("swarm")
 
@@ -170,10 +170,12 @@ class DownloadStats:
 
 async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float,
                    local_payload: bytes | None = None, local_manifest: Manifest | None = None,
-                   in_flight: int = REQUESTS_IN_FLIGHT) -> tuple[Manifest, dict, DownloadStats]:
-    """Assemble and verify the state named ``manifest_sha256`` from ``holders`` (peer ids)."""
+                   in_flight: int = REQUESTS_IN_FLIGHT, hints: dict[str, list[str]] | None = None
+                   ) -> tuple[Manifest, dict, DownloadStats]:
+    """Assemble and verify the state named ``manifest_sha256`` from ``holders`` (peer ids); ``hints``: their
+    addresses, from their liveness records."""
     t0 = time.monotonic()
-    manifest = await _fetch_manifest(p2p, holders, manifest_sha256, timeout_s)
+    manifest = await _fetch_manifest(p2p, holders, manifest_sha256, timeout_s, hints)
     payload = bytearray(manifest.size)
     todo: collections.deque[int] = collections.deque()
     stats = DownloadStats()
@@ -200,8 +202,7 @@ async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s
                 index = todo.popleft()
                 try:
                     if stream is None:
-                        stream = await asyncio.wait_for(
-                            p2p.call_binary_stream_handler(PeerID.from_base58(holder), CHUNKS), timeout_s)
+                        stream = await open_stream(p2p, holder, CHUNKS, timeout_s, hints)
                     blob = await _request(stream, manifest_sha256, "chunk", timeout_s, manifest.chunk_size, index)
                 except Exception as e:  # timeout, refused, closed: give the chunk to someone else
                     todo.append(index)
@@ -247,13 +248,13 @@ async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s
     return manifest, state, stats
 
 
-async def _fetch_manifest(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float) -> Manifest:
+async def _fetch_manifest(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float,
+                          hints: dict[str, list[str]] | None) -> Manifest:
     errors = []
     for holder in holders:
         stream = None
         try:
-            stream = await asyncio.wait_for(p2p.call_binary_stream_handler(PeerID.from_base58(holder), CHUNKS),
-                                            timeout_s)
+            stream = await open_stream(p2p, holder, CHUNKS, timeout_s, hints)
             blob = await _request(stream, manifest_sha256, "manifest", timeout_s, MAX_MANIFEST_BYTES)
             if hashlib.sha256(blob).hexdigest() != manifest_sha256:
                 raise WireError("manifest does not match its sha256")

@@ -23,11 +23,11 @@ import os
 import time
 from dataclasses import dataclass, field as dc_field
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
-from swarm.wire import WireError, field, read_msg, write_msg
+from swarm.wire import WireError, field, open_stream, read_msg, write_msg
 
 log = logging.getLogger("swarm")
 
@@ -161,8 +161,7 @@ class Matchmaker:
 
     async def _join(self, g: _Gathering, leader: str) -> Group:
         timeout = self.cfg.join_timeout_s + 5
-        _, reader, writer = await asyncio.wait_for(
-            self.p2p.call_binary_stream_handler(PeerID.from_base58(leader), JOIN), timeout)
+        _, reader, writer = await open_stream(self.p2p, leader, JOIN, timeout, self.sdht.addresses)
         try:
             await write_msg(writer, {"step": g.outer_step, "peer": self.peer_id, "w": g.weight, "base": g.base})
             reply = await read_msg(reader, timeout)

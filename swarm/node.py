@@ -45,6 +45,8 @@ class Node:
         self.sdht = SwarmDHT(self.dht, run_id, self.key)
         if not serve:
             return
+        # our addresses travel in our liveness record: peers whose libp2p cannot find us still can dial
+        self.status["maddrs"] = [str(m) for m in self.call(self.p2p.get_visible_maddrs())][:4]
         self.averager = Averager(self.p2p, self.sdht, self.peer_id, cfg)
         self.chunk_server = ChunkServer(self.p2p, cfg.allreduce_timeout_s)
         self.call(self.averager.start())
@@ -111,15 +113,17 @@ class Node:
         # tell the swarm at once which round we will join, so its groups wait for us while we download
         self.set_status(round=record["outer_step"] + 1, state="syncing")
         local_manifest, local_payload = local if local else (None, None)
+        self.live_peers()  # refreshes the holders' address hints
         return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
-                                  local_payload=local_payload, local_manifest=local_manifest))
+                                  local_payload=local_payload, local_manifest=local_manifest,
+                                  hints=self.sdht.addresses))
 
     def close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             try:  # tell the swarm at once instead of letting the record expire
                 self.status["state"] = "left"
-                self.call(self.sdht.heartbeat(self.peer_id, self._record(), self.cfg.heartbeat_s), timeout_s=5)
+                self.call(self.sdht.heartbeat(self.peer_id, self._record(), self.cfg.heartbeat_s), timeout_s=2)
             except Exception:
                 pass
         try:
@@ -131,8 +135,9 @@ class Node:
         self.dht.shutdown()
 
     async def _shutdown_loop(self) -> None:
-        await self.p2p.shutdown()
+        """Cancel whatever is in flight first (threads waiting on it get CancelledError), then the p2p client."""
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(self.p2p.shutdown(), 3)

@@ -189,7 +189,8 @@ class Peer:
         pending: _Pending | None = None
         losses: list[float] = []
         round_samples = 0  # samples in θ_local's progress since θ_global (several rounds after a failure)
-        with ThreadPoolExecutor(1, thread_name_prefix="swarm-average") as pool:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="swarm-average")
+        try:
             while max_steps is None or diloco.outer_step + (pending is not None) < max_steps:
                 k_train = diloco.outer_step + 1 + (pending is not None)
                 node.set_status(round=diloco.outer_step + 1, state="training", samples=self.samples_total,
@@ -218,6 +219,8 @@ class Peer:
                     pending, self._resynced = None, False  # the next round starts from whatever θ we now hold
             if pending is not None:
                 self._settle(pending)
+        finally:  # on Ctrl-C do not wait for a round in flight: closing the node cancels it
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _inner_step(self, k: int, i: int) -> float:
         t0 = time.monotonic()
@@ -334,7 +337,7 @@ class Peer:
 
     def _close(self) -> None:
         if self.holder is not None:
-            self.holder.close(timeout_s=10)
+            self.holder.close(timeout_s=5)
         if self._dashboard is not None:
             try:
                 self.node.call(self._dashboard.cleanup(), timeout_s=5)

@@ -11,6 +11,8 @@ import struct
 from typing import Any
 
 import msgpack
+from hivemind.p2p import P2P, PeerID
+from multiaddr import Multiaddr
 
 MAX_HEADER_BYTES = 64 * 1024
 _U32 = struct.Struct("<I")
@@ -77,3 +79,23 @@ def field(message: dict, name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise WireError(f"header field {name!r} missing or of the wrong type")
     return value
+
+
+async def open_stream(p2p: P2P, peer_id: str, handler: str, timeout_s: float,
+                      hints: dict[str, list[str]] | None = None):
+    """(info, reader, writer) of a new stream to ``peer_id``'s ``handler``.
+
+    libp2p finds a peer's addresses through its own DHT, which may not know a peer we never met
+    directly (or one behind addresses it does not advertise). If the first dial fails and the peer's
+    liveness record gave us its addresses (``hints``), connect to those and dial once more.
+    """
+    peer = PeerID.from_base58(peer_id)
+    try:
+        return await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), timeout_s)
+    except Exception:
+        addresses = (hints or {}).get(peer_id)
+        if not addresses:
+            raise
+    # hivemind's P2P has no public connect(); its daemon client does
+    await asyncio.wait_for(p2p._client.connect(peer, [Multiaddr(a) for a in addresses]), timeout_s)
+    return await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), timeout_s)

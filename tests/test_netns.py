@@ -39,7 +39,7 @@ def test_topology_builds_delays_and_removes_its_namespaces():
         assert topo.probe_rtt_ms(0, 1) < 5.0  # no delay line yet
         topo.set_latency_ms(20)
         rtt_ms = topo.probe_rtt_ms(1, 0)
-        assert 40.0 <= rtt_ms < 48.0  # 20 ms each way, a few ms of scheduling at most
+        assert 40.0 <= rtt_ms < 60.0  # 20 ms each way, plus scheduling on a busy machine
         assert links_here() == links_before
     assert not {ns for ns in netns_names() if ns.startswith(topo.prefix)}
     assert links_here() == links_before

@@ -1,0 +1,304 @@
+"""One peer of the WAN all-reduce benchmark, run inside its network namespace by bench/allreduce.py.
+
+    ip netns exec NS python -m bench.allreduce_worker --system swarm|gloo|hivemind --rank I --peers N
+        --addr IP --numel M --expect C [--codec int8|fp32] [--weight W] [--master IP:PORT]
+
+The driver speaks to it in JSON lines: commands on stdin, one reply per command on the stdout the
+process started with (fd 1 is pointed at stderr, so whatever hivemind or p2pd print cannot corrupt
+the replies). It says {"loaded": true} once imported, then answers
+{"cmd": "start", "initial_peers": [...]} (DHT and averager up, or gloo's rendezvous; replies with
+its multiaddrs), {"cmd": "sync"} (waits until the whole group is live), {"cmd": "prepare", "k": K}
+(the "training" part of round K: publish our status, reset tensors), {"cmd": "run", "k": K} (one
+timed all-reduce) and {"cmd": "quit"}.
+
+Why the driver starts DHTs one at a time, each with every earlier peer as an initial peer: p2pd's
+libp2p DHT files 198.18.0.0/15 (benchmark space) as neither public nor private and never hands
+those addresses out, so peers that bootstrap from rank 0 alone cannot dial each other ("routing:
+not found"). On the real WAN public addresses resolve; here every peer dials every earlier one.
+
+Every peer contributes ``(rank + 1) * pattern`` where pattern[j] = (37 j mod 255) - 127: integers
+with an absmax of 127 in every 1024-block, so the int8 codec is exact on them and the driver can
+pass ``--expect C`` (the weighted mean of the multipliers) to check the result value by value.
+Wire bytes come from eth0's counters: everything the peer really sent and received, headers
+included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+import torch
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def pattern(numel: int) -> torch.Tensor:
+    return ((torch.arange(numel, dtype=torch.int64) * 37) % 255 - 127).to(torch.float32)
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process (all threads) and by our processes below it, by name."""
+    import psutil
+
+    me = psutil.Process()
+    used = {"python": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            name = "p2pd" if child.name() == "p2pd" else "python"
+            used[name] = used.get(name, 0.0) + sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return used
+
+
+def cpu_delta(before: dict[str, float]) -> dict[str, float]:
+    return {name: round(s - before.get(name, 0.0), 3) for name, s in cpu_seconds().items()}
+
+
+def tcp_retransmits() -> int:
+    """Segments this namespace's TCP has retransmitted so far (/proc/net/snmp is per namespace)."""
+    lines = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
+def wire_bytes() -> tuple[int, int]:
+    stats = "/sys/class/net/eth0/statistics/"
+    return tuple(int(open(stats + name).read()) for name in ("tx_bytes", "rx_bytes"))
+
+
+class Trace:
+    """Samples eth0's byte counters every ``period_s`` on a thread, to show where a link sat idle."""
+
+    def __init__(self, period_s: float):
+        self.period_s, self.samples, self._stop = period_s, [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "Trace":
+        if self.period_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.period_s > 0:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period_s if self.samples else 0):
+            self.samples.append([round(time.time(), 4), *wire_bytes()])
+
+
+class Peer:
+    """The common part: the contributed tensor, the expected result, and the checks on it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.delta = pattern(args.numel).mul_(args.rank + 1)
+        self.expected_scale = args.expect
+
+    def check(self, average: torch.Tensor) -> dict:
+        error = (average - pattern(average.numel()).mul_(self.expected_scale)).abs().max().item()
+        return {"max_abs_err": error, "head": average[:4].tolist(),
+                "result_sha256": hashlib.sha256(average.numpy().tobytes()).hexdigest()}
+
+    def start(self, initial_peers: list[str]) -> dict:
+        raise NotImplementedError
+
+    def sync(self) -> dict:
+        return {}
+
+    def prepare(self, k: int) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class SwarmPeer(Peer):
+    """swarm.node.Node over a hivemind.DHT on this namespace's address: matchmaking included."""
+
+    def start(self, initial_peers: list[str]) -> dict:
+        import hivemind
+
+        from swarm.config import SwarmConfig
+        from swarm.node import Node
+
+        self.dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{self.args.addr}/tcp/0"])
+        self.node = Node(self.dht)
+        cfg = SwarmConfig(codec=self.args.codec, allreduce_timeout_s=self.args.timeout_s)
+        self.node.join_run(self.args.run_id, cfg)
+        return {"maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
+
+    def sync(self) -> dict:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while len(self.node.live_peers()) < self.args.peers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.node.live_peers())} of {self.args.peers} peers live")
+            time.sleep(0.2)
+        return {"p2p_peers": len(self.node.call(self.node.p2p.list_peers()))}
+
+    def prepare(self, k: int) -> dict:
+        self.node.set_status(round=k, state="training")
+        return {}
+
+    def run(self, k: int) -> dict:
+        tx, rx, cpu, retrans = *wire_bytes(), cpu_seconds(), tcp_retransmits()
+        with Trace(self.args.trace_ms / 1e3) as trace:
+            result = self.node.average(k, self.delta, self.args.weight, base="x" * 64)
+        tx2, rx2 = wire_bytes()
+        return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": result.allreduce_s, "matchmaking_s": result.matchmaking_s,
+                "group_size": len(result.group.members), "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx,
+                "app_sent_bytes": result.bytes_sent, "app_recv_bytes": result.bytes_recv,
+                "average_sha256": result.average_sha256, **self.check(result.average)}
+
+    def close(self) -> None:
+        self.node.close()
+
+
+class GlooPeer(Peer):
+    """torch.distributed gloo all_reduce (sum) of the fp32 tensor; a barrier lines the peers up first."""
+
+    def start(self, initial_peers: list[str]) -> dict:
+        import datetime
+
+        import torch.distributed as dist
+
+        os.environ["GLOO_SOCKET_IFNAME"] = "eth0"  # otherwise gloo binds loopback and cannot reach peers
+        self.dist = dist
+        dist.init_process_group("gloo", init_method=f"tcp://{self.args.master}", rank=self.args.rank,
+                                world_size=self.args.peers, timeout=datetime.timedelta(seconds=self.args.timeout_s))
+        self.tensor = torch.empty_like(self.delta)
+        return {"maddrs": []}
+
+    def prepare(self, k: int) -> dict:
+        self.tensor.copy_(self.delta)
+        return {}
+
+    def run(self, k: int) -> dict:
+        self.dist.barrier()
+        tx, rx, cpu, retrans = *wire_bytes(), cpu_seconds(), tcp_retransmits()
+        with Trace(self.args.trace_ms / 1e3) as trace:
+            t0 = time.monotonic()
+            self.dist.all_reduce(self.tensor)
+            seconds = time.monotonic() - t0
+        tx2, rx2 = wire_bytes()
+        return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": seconds, "matchmaking_s": None, "group_size": self.args.peers,
+                "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx, **self.check(self.tensor)}
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+class HivemindPeer(Peer):
+    """Stock hivemind DecentralizedAverager, no compression. target_group_size=N with min_group_size=2:
+    min == target can livelock (shared/HIVEMIND.md), so the group sizes it really got are reported.
+    The step is split at its trigger, so matchmaking and all-reduce are timed apart."""
+
+    def start(self, initial_peers: list[str]) -> dict:
+        import hivemind
+
+        args = self.args
+        self.dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{args.addr}/tcp/0"])
+        self.averager = hivemind.DecentralizedAverager(
+            [torch.zeros_like(self.delta)], self.dht, start=True, prefix=args.run_id,
+            target_group_size=args.peers, min_group_size=2, min_matchmaking_time=args.hivemind_matchmaking_s,
+            request_timeout=3.0, allreduce_timeout=args.timeout_s, next_chunk_timeout=args.timeout_s)
+        return {"maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
+
+    def prepare(self, k: int) -> dict:
+        with self.averager.get_tensors() as tensors:
+            tensors[0].copy_(self.delta)
+        return {}
+
+    def run(self, k: int) -> dict:
+        from hivemind.averaging.control import AveragingStage
+
+        tx, rx, cpu, retrans = *wire_bytes(), cpu_seconds(), tcp_retransmits()
+        t0 = time.monotonic()
+        control = self.averager.step(weight=self.args.weight, timeout=self.args.timeout_s, require_trigger=True,
+                                     wait=False)
+        deadline = t0 + self.args.timeout_s
+        while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        t1 = time.monotonic()
+        control.allow_allreduce()
+        try:
+            gathered = control.result(timeout=self.args.timeout_s)
+        except Exception as e:  # no group, a failed round: reported, not fatal to the benchmark
+            gathered, error = None, f"{type(e).__name__}: {e}"
+        else:
+            error = None
+        t2 = time.monotonic()
+        tx2, rx2 = wire_bytes()
+        with self.averager.get_tensors() as tensors:
+            checked = self.check(tensors[0])
+        return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "allreduce_s": t2 - t1, "matchmaking_s": t1 - t0, "group_size": len(gathered or {}),
+                "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx, "step_error": error, **checked}
+
+    def close(self) -> None:
+        self.averager.shutdown()
+        self.dht.shutdown()
+
+
+SYSTEMS = {"swarm": SwarmPeer, "gloo": GlooPeer, "hivemind": HivemindPeer}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.allreduce_worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", choices=sorted(SYSTEMS), required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--addr", required=True, help="this namespace's IPv4 address")
+    parser.add_argument("--numel", type=int, required=True, help="fp32 values in the averaged vector")
+    parser.add_argument("--codec", default="fp32", choices=("int8", "fp32"))
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--expect", type=float, required=True, help="the result is expect * pattern")
+    parser.add_argument("--master", default=None, help="IP:PORT of rank 0's rendezvous (gloo)")
+    parser.add_argument("--run-id", default="bench")
+    parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--hivemind-matchmaking-s", type=float, default=5.0)
+    parser.add_argument("--trace-ms", type=float, default=0.0, help="sample eth0's counters this often (0: off)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+
+    try:
+        peer = SYSTEMS[args.system](args)
+    except Exception as e:
+        reply({"error": f"load failed: {type(e).__name__}: {e}"})
+        raise
+    reply({"loaded": True})
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            name = command.pop("cmd")
+            if name == "quit":
+                break
+            try:
+                reply(getattr(peer, name)(**command))
+            except Exception as e:
+                reply({"error": f"{name} failed: {type(e).__name__}: {e}"})
+    finally:
+        peer.close()
+        reply({"closed": True})
+
+
+if __name__ == "__main__":
+    main()
