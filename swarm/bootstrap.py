@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 
-from swarm.config import ConfigError
-from swarm.dht import UnreachableError, parse_maddrs, start_dht
+from swarm.cli import run_command
+from swarm.dht import parse_maddrs, start_dht
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,19 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity", help="private key file: keeps the peer id (and so the multiaddr) across restarts")
     args = p.parse_args(argv)
     logging.getLogger("hivemind").setLevel(logging.CRITICAL)
-    try:
-        dht = start_dht(parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True),
-                        parse_maddrs(args.host_maddrs, "--host-maddrs"),
-                        parse_maddrs(args.announce_maddrs, "--announce-maddrs"), args.identity)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except UnreachableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except Exception as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_command(lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> int:
+    dht = start_dht(parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True),
+                    parse_maddrs(args.host_maddrs, "--host-maddrs"),
+                    parse_maddrs(args.announce_maddrs, "--announce-maddrs"), args.identity)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

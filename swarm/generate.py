@@ -15,8 +15,9 @@ import torch
 
 from swarm import checkpoint
 from swarm import data as swarm_data
+from swarm.cli import run_command
 from swarm.config import ConfigError, RunConfig
-from swarm.dht import UnreachableError, find_run_config, parse_maddrs, start_dht
+from swarm.dht import find_run_config, parse_maddrs, start_dht
 from swarm.diloco import DiLoCo
 from swarm.manifest import DownloadError
 from swarm.model import build_model
@@ -72,33 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for noisy in ("hivemind", "asyncio", "multiaddr"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    try:
-        cfg, state = from_checkpoint(args.checkpoint) if args.checkpoint else from_swarm(args.initial_peers,
-                                                                                          args.run_id)
-        tokenizer = swarm_data.build_tokenizer(cfg.model.tokenizer, swarm_data.load_text(None))
-        if cfg.tokenizer_sha256 and tokenizer.sha256 != cfg.tokenizer_sha256:
-            raise ConfigError(f"the run's {cfg.model.tokenizer} tokenizer differs from this swarm version's")
-        diloco = DiLoCo(build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed), cfg.train)
-        diloco.load_state(state)
-        model = diloco.model.eval()
-        prompt = torch.from_numpy(tokenizer.encode(args.prompt).astype("int64"))[None, :] if args.prompt else \
-            torch.zeros(1, 1, dtype=torch.int64)
-        out = model.generate(prompt, args.tokens, args.temperature, args.top_k or None,
-                             torch.Generator().manual_seed(args.seed))
-        print(args.prompt + tokenizer.decode(out[0, prompt.shape[1]:]))
-        return 0
-    except (ConfigError, checkpoint.CheckpointError, swarm_data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except UnreachableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}",
-              file=sys.stderr)
-        return 1
+    return run_command(lambda: generate(args))
+
+
+def generate(args: argparse.Namespace) -> int:
+    cfg, state = from_checkpoint(args.checkpoint) if args.checkpoint else from_swarm(args.initial_peers,
+                                                                                      args.run_id)
+    tokenizer = swarm_data.build_tokenizer(cfg.model.tokenizer, swarm_data.load_text(None))
+    if cfg.tokenizer_sha256 and tokenizer.sha256 != cfg.tokenizer_sha256:
+        raise ConfigError(f"the run's {cfg.model.tokenizer} tokenizer differs from this swarm version's")
+    diloco = DiLoCo(build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed), cfg.train)
+    diloco.load_state(state)
+    model = diloco.model.eval()
+    prompt = torch.from_numpy(tokenizer.encode(args.prompt).astype("int64"))[None, :] if args.prompt else \
+        torch.zeros(1, 1, dtype=torch.int64)
+    out = model.generate(prompt, args.tokens, args.temperature, args.top_k or None,
+                         torch.Generator().manual_seed(args.seed))
+    print(args.prompt + tokenizer.decode(out[0, prompt.shape[1]:]))
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from swarm import data as swarm_data
 from swarm.averaging import AveragingError, StaleRound
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm import checkpoint
-from swarm.dht import SwarmDHT, UnreachableError, find_run_config, parse_maddrs, signing_key, start_dht
+from swarm.cli import run_command
+from swarm.dht import SwarmDHT, find_run_config, parse_maddrs, signing_key, start_dht
 from swarm.diloco import DiLoCo, flatten
 from swarm.holder import Holder
 from swarm.manifest import DownloadError
@@ -388,22 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     threading.excepthook = _thread_failed
-    try:
-        return Peer(args).run()
-    except (ConfigError, swarm_data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except UnreachableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted: left the swarm", file=sys.stderr)
-        return 0
-    except Exception as e:  # one line for people; -v shows the traceback
-        log.debug("fatal", exc_info=True)
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}",
-              file=sys.stderr)
-        return 1
+    return run_command(Peer(args).run, interrupted_code=0, interrupted_message="interrupted: left the swarm")
 
 
 def _thread_failed(hook_args) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 
 import hivemind
 
+from swarm.cli import run_command
 from swarm.config import ConfigError, RunConfig
-from swarm.dht import SwarmDHT, UnreachableError, find_run_config, parse_maddrs, start_dht
+from swarm.dht import SwarmDHT, find_run_config, parse_maddrs, start_dht
 
 LOOKUP_S = 10.0  # how long to keep asking a freshly joined DHT for the run before giving up
 NAME_MAX_CHARS = 40  # names come from other peers' records: keep a long one from breaking the table
@@ -100,27 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("hivemind").setLevel(logging.CRITICAL)
-    dht = None
+    return run_command(lambda: show(args))
+
+
+def show(args: argparse.Namespace) -> int:
+    initial = parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True)
+    dht = start_dht(initial, parse_maddrs(args.host_maddrs, "--host-maddrs"), [], None)
     try:
-        initial = parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True)
-        dht = start_dht(initial, parse_maddrs(args.host_maddrs, "--host-maddrs"), [], None)
         cfg, rows = asyncio.run(read_swarm(dht, args.run_id))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except UnreachableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for people, never a traceback
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}",
-              file=sys.stderr)
-        return 1
     finally:
-        if dht is not None:
-            dht.shutdown()
+        dht.shutdown()
     status = summary(cfg, rows)
     print(json.dumps(status) if args.json else render(status, time.time()))
     return 0
