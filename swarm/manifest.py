@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import msgpack
 import torch
@@ -170,10 +171,10 @@ class DownloadStats:
 
 async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float,
                    local_payload: bytes | None = None, local_manifest: Manifest | None = None,
-                   in_flight: int = REQUESTS_IN_FLIGHT, hints: dict[str, list[str]] | None = None
-                   ) -> tuple[Manifest, dict, DownloadStats]:
+                   in_flight: int = REQUESTS_IN_FLIGHT, hints: dict[str, list[str]] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, dict, DownloadStats]:
     """Assemble and verify the state named ``manifest_sha256`` from ``holders`` (peer ids); ``hints``: their
-    addresses, from their liveness records."""
+    addresses, from their liveness records; ``progress(bytes fetched, bytes to fetch)`` after each chunk."""
     t0 = time.monotonic()
     manifest = await _fetch_manifest(p2p, holders, manifest_sha256, timeout_s, hints)
     payload = bytearray(manifest.size)
@@ -224,6 +225,8 @@ async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s
                     remaining.discard(index)
                     served[holder] += 1
                     stats.bytes += len(blob)
+                    if progress is not None:
+                        progress(stats.bytes, manifest.size - stats.reused_chunks * manifest.chunk_size)
         finally:
             if stream is not None:
                 stream[2].close()

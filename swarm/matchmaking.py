@@ -121,7 +121,8 @@ class Matchmaker:
         """Wait until every live, non-excluded peer of round k has announced this attempt, or the timeout."""
         k = g.outer_step
         await self._announce(g)
-        deadline = time.monotonic() + self.cfg.gather_timeout_s
+        started = time.monotonic()
+        deadline, next_note = started + self.cfg.gather_timeout_s, started + 5
         while True:
             ready, live = await asyncio.gather(self.sdht.ready_peers(k), self.sdht.live_peers())
             ahead = [p for p, rec in live.items() if rec["round"] > k and p != self.peer_id]
@@ -138,6 +139,11 @@ class Matchmaker:
             expected = {p for p, rec in live.items() if rec["round"] == k} - excluded - {self.peer_id}
             if expected <= set(ready) or time.monotonic() > deadline:
                 return ready
+            if time.monotonic() > next_note:  # say why we are idle
+                next_note += 5
+                waiting = sorted(str(live[p].get("name", p[-6:])) for p in expected - set(ready))
+                log.info("round %d: waiting for %s to finish their inner steps (%.0f s of %.0f)", k,
+                         ", ".join(waiting), time.monotonic() - started, self.cfg.gather_timeout_s)
             await asyncio.sleep(POLL_S)
 
     async def _lead(self, g: _Gathering, expected: set[str], announced: set[str]) -> Group:

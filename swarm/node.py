@@ -22,6 +22,7 @@ from swarm.averaging import Averager, AverageResult
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
 from swarm.manifest import ChunkServer, DownloadStats, Manifest, choose_manifest, download
+from swarm.metrics import human_bytes
 
 log = logging.getLogger("swarm")
 
@@ -116,7 +117,7 @@ class Node:
         self.live_peers()  # refreshes the holders' address hints
         return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
                                   local_payload=local_payload, local_manifest=local_manifest,
-                                  hints=self.sdht.addresses))
+                                  hints=self.sdht.addresses, progress=_ProgressLog(record["outer_step"], holders)))
 
     def close(self) -> None:
         if self._heartbeat_task is not None:
@@ -141,3 +142,22 @@ class Node:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(self.p2p.shutdown(), 3)
+
+
+class _ProgressLog:
+    """A download progress line every couple of seconds: bytes, rate, time left."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, outer_step: int, holders: list[str]):
+        self.label = f"downloading outer step {outer_step} from {len(holders)} peers"
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, done_bytes: int, total_bytes: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.EVERY_S or done_bytes >= total_bytes:
+            return
+        self.last = now
+        rate = done_bytes / max(now - self.t0, 1e-6)
+        log.info("%s: %s of %s, %s/s, %.0f s left", self.label, human_bytes(done_bytes), human_bytes(total_bytes),
+                 human_bytes(rate), (total_bytes - done_bytes) / max(rate, 1.0))
