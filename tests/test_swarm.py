@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from conftest import LOOPBACK, ROOT, join_address, run_cli, start_cli, stop, wait_for
 from swarm.metrics import read_events
 
@@ -120,6 +122,7 @@ def test_late_joiner_bootstraps_from_three_holders_and_joins_the_next_group(tmp_
         assert all(late[step]["model_sha256"] == h[step]["model_sha256"] for h in holders if step in h)
 
 
+@pytest.mark.slow  # ~80 s; make test-all
 def test_restart_resumes_from_own_checkpoint_or_fetches_what_it_lacks(tmp_path):
     ck, ident = tmp_path / "ck", tmp_path / "id.key"
     alone = ["--config", "peers/tiny.toml", "--checkpoint-dir", str(ck), "--identity", str(ident)]
