@@ -192,7 +192,8 @@ def quantize(
     q_flat, absmax = q.view(-1), scales.view(-1)  # absmax: each block's, turned into its scale at the end
     full = n - n % block_size
     if full:
-        _quantize_full_blocks(x[:full].view(-1, block_size), q_flat[:full].view(-1, block_size), absmax[: full // block_size])
+        rows = full // block_size
+        _quantize_full_blocks(x[:full].view(rows, block_size), q_flat[:full].view(rows, block_size), absmax[:rows])
     if full < n:  # the last, partial block: a zero-padded copy, which leaves its absmax unchanged
         tail = torch.zeros(1, block_size, dtype=torch.float32)
         tail[0, : n - full] = x[full:]

@@ -77,7 +77,8 @@ def test_hivemind_codec_restores_shape_dtype_and_values(dtype, shape):
     assert y.shape == x.shape and y.dtype == dtype and y.requires_grad
     _, scales = quantize(x)
     # the decoded fp32 value is rounded once more to fp16 / bf16: half an ulp of that type
-    assert_within_bound(x.detach(), y.detach(), scales, extra=x.detach().float().abs().reshape(-1) * torch.finfo(dtype).eps)
+    x, y = x.detach(), y.detach()
+    assert_within_bound(x, y, scales, extra=x.float().abs().reshape(-1) * torch.finfo(dtype).eps)
 
 
 def test_zeros_decode_exactly():
