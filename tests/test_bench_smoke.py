@@ -1,0 +1,48 @@
+"""The issue 8 benchmarks run end to end as users run them, at their smallest settings.
+
+Only what must hold at any size is checked (every variant ran and produced a finite loss, int8
+sends fewer bytes than fp32); how the losses compare is the benchmark's report, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.netns import missing_requirements
+from conftest import run_cli
+
+VARIANTS = {"single", "sync", "fp32", "int8", "int8-overlap"}
+
+pytestmark = pytest.mark.slow  # ~2 minutes together: make test-all
+
+
+@pytest.mark.timeout(120)
+def test_convergence_smoke(tmp_path):
+    out = tmp_path / "convergence.json"
+    result = run_cli("bench.convergence", "--peers", "2", "--outer-steps", "2", "--inner-steps", "5",
+                     "--eval-batches", "4", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                     "--plot", str(tmp_path / "convergence.png"), timeout=110)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert set(rows) == VARIANTS
+    assert all(math.isfinite(r["final_val_loss"]) for r in rows.values()), rows
+    assert 0 < rows["int8"]["bytes_per_peer"] < rows["fp32"]["bytes_per_peer"]
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
+def test_train_quick_run(tmp_path):
+    out = tmp_path / "train.json"
+    result = run_cli("bench.train", "--config", "peers/tiny.toml", "--inner-steps", "40", "--outer-steps", "2",
+                     "--bandwidth", "50", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                     "--plot", str(tmp_path / "train.png"), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["overlap"] for r in rows] == [False, True]
+    keys = {"peers", "bandwidth_mbit", "overlap", "compute_utilization", "tokens_per_s", "tokens_per_s_alone",
+            "bytes_per_peer", "final_loss"}
+    assert all(keys <= set(r) and r["bytes_per_peer"] > 0 and math.isfinite(r["final_loss"]) for r in rows), rows
