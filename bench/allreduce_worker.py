@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from bench.worker_loop import serve
+
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -286,17 +288,8 @@ def main() -> None:
         raise
     reply({"loaded": True})
     try:
-        for line in sys.stdin:
-            command = json.loads(line)
-            name = command.pop("cmd")
-            if name == "quit":
-                break
-            try:
-                reply(getattr(peer, name)(**command))
-            except Exception as e:
-                reply({"error": f"{name} failed: {type(e).__name__}: {e}"})
+        serve(peer, reply)
     finally:
-        peer.close()
         reply({"closed": True})
 
 

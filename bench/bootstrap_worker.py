@@ -37,6 +37,7 @@ import time
 import torch
 
 from bench.allreduce_worker import Trace, cpu_delta, cpu_seconds, tcp_retransmits, wire_bytes
+from bench.worker_loop import serve
 
 # hivemind shares tensors between its processes as named files in /dev/shm by default; a process that is
 # stopped before it frees them leaves them there (seen: 200 MB per run). File descriptors die with the process.
@@ -228,18 +229,8 @@ def main() -> None:
     peer = (Holder if args.role == "holder" else Joiner)(args)
     reply({"loaded": True})
     try:
-        for line in sys.stdin:
-            command = json.loads(line)
-            name = command.pop("cmd")
-            if name == "quit":
-                break
-            try:
-                reply(getattr(peer, name)(**command))
-            except Exception as e:
-                logging.exception("%s failed", name)
-                reply({"error": f"{name} failed: {type(e).__name__}: {e}"})
+        serve(peer, reply)
     finally:
-        peer.close()
         reply({"closed": True})
 
 
