@@ -163,7 +163,11 @@ class SwarmDHT:
     # --- run config -------------------------------------------------------------------------------
 
     async def publish_config(self, cfg: RunConfig) -> None:
-        await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S)
+        """Publish a new run's config; ConfigError if the DHT already holds a different one for this run id."""
+        if not await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S):
+            existing = await self.fetch_config()
+            if existing is not None:
+                cfg.check_compatible(existing)
         await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
 
     async def fetch_config(self) -> RunConfig | None:
