@@ -25,6 +25,7 @@ included.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import hashlib
 import json
@@ -97,7 +98,7 @@ class Trace:
             self.samples.append([round(time.time(), 4), *wire_bytes()])
 
 
-class Peer:
+class Peer(abc.ABC):
     """The common part: the contributed tensor, the expected result, and the checks on it."""
 
     def __init__(self, args):
@@ -110,8 +111,9 @@ class Peer:
         return {"max_abs_err": error, "head": average[:4].tolist(),
                 "result_sha256": hashlib.sha256(average.numpy().tobytes()).hexdigest()}
 
+    @abc.abstractmethod
     def start(self, initial_peers: list[str]) -> dict:
-        raise NotImplementedError
+        """Start this system's networking, given the earlier peers' addresses."""
 
     def sync(self) -> dict:
         return {}
