@@ -229,7 +229,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     fig, (ax_tok, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for r in rows:
-        label = f"{r['bandwidth_mbit']:g} Mbit/s, overlap {'on' if r['overlap'] else 'off'}"
+        label = f"{r['bandwidth_mbit']:g} Mbit/s, overlap {'on' if r['overlap'] else 'off'}" + \
+            (" (INVALID: groups split)" if note(r).startswith("INVALID") else "")
         ax_tok.plot([c["tokens"] for c in r["curve"]], [c["loss"] for c in r["curve"]], marker="o", label=label)
         ax_t.plot([c["t"] for c in r["curve"]], [c["loss"] for c in r["curve"]], marker="o", label=label)
     ax_tok.set_xlabel("tokens trained (all peers)")
