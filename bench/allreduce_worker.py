@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from bench.netns import link_bytes
 from bench.worker_loop import serve
 
 STARTUP_TIMEOUT_S = 60.0
@@ -72,8 +73,9 @@ def tcp_retransmits() -> int:
 
 
 def wire_bytes() -> tuple[int, int]:
-    stats = "/sys/class/net/eth0/statistics/"
-    return tuple(int(open(stats + name).read()) for name in ("tx_bytes", "rx_bytes"))
+    """(tx, rx) bytes through this namespace's eth0 so far."""
+    with open("/proc/net/dev") as f:
+        return link_bytes(f.read())
 
 
 class Trace:

@@ -120,6 +120,20 @@ def netem_available() -> bool:
         _kill_namespace(ns)
 
 
+def link_bytes(proc_net_dev: str, dev: str = "eth0") -> tuple[int, int]:
+    """(tx, rx) byte counters of ``dev`` from the text of /proc/net/dev.
+
+    /proc/net follows the reading process's namespace. /sys/class/net follows whoever mounted sysfs,
+    and `ip netns exec` cannot remount it in every container, so there it shows the host's links.
+    """
+    for line in proc_net_dev.splitlines():
+        name, sep, counters = line.partition(":")
+        if sep and name.strip() == dev:
+            fields = counters.split()
+            return int(fields[8]), int(fields[0])
+    raise NetnsError(f"no {dev} in /proc/net/dev")
+
+
 @contextmanager
 def inside(ns: str):
     """Sockets this thread opens meanwhile belong to namespace ``ns`` (and stay there afterwards)."""

@@ -4,6 +4,9 @@
                                [--bandwidth 10,100] [--overlap off,on] [--latency-ms 0] [--threads T]
                                [--json bench/results/train.json] [--plot bench/results/train.png]
 
+    quick run: sudo python -m bench.train --config peers/tiny.toml --inner-steps 200 --bandwidth 10
+    (a round must outlast a peer's start-up, about 10 s here, or the first peer trains alone)
+
 N real ``python -m swarm.peer`` processes, one per network namespace on a bridge, every link shaped
 in both directions (bench/netns.py), train the same fixed token budget (N x outer steps x H x B
 sequences) once per setting: each bandwidth, with and without ``train.overlap``. Peer i listens on
@@ -52,7 +55,7 @@ import sys
 import time
 
 from bench.convergence import derive, write_profile
-from bench.netns import NetnsError, Topology, cleanup_leftovers, missing_requirements, peer_addr
+from bench.netns import NetnsError, Topology, cleanup_leftovers, link_bytes, missing_requirements, peer_addr
 from swarm.averaging import Codec
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm.evaluate import corpus_split
@@ -131,10 +134,10 @@ def run_peers(topo: Topology, cfg: RunConfig, n: int, steps: int, args, sdir: st
 
 
 def tx_bytes(topo: Topology, i: int) -> int:
-    """eth0's transmit counter in peer i's namespace (sysfs is per namespace under ``ip netns exec``)."""
-    out = subprocess.run(["ip", "netns", "exec", topo.namespaces[i], "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+    """eth0's transmit counter in peer i's namespace."""
+    out = subprocess.run(["ip", "netns", "exec", topo.namespaces[i], "cat", "/proc/net/dev"],
                          capture_output=True, text=True, check=True)
-    return int(out.stdout)
+    return link_bytes(out.stdout)[0]
 
 
 def tokens_per_s_alone(topo: Topology, cfg: RunConfig, args, workdir: str) -> float:
@@ -157,7 +160,8 @@ def measure(metrics: list[str], cfg: RunConfig, n: int) -> dict:
         joined, outer = read_events(path, "joined")[0], sorted(read_events(path, "outer"), key=lambda e: e["outer_step"])
         full = [e for e in outer if e["group_size"] == n]
         if not full:
-            raise BenchError(f"{path}: this peer never averaged with all {n} peers")
+            raise BenchError(f"{path}: this peer never averaged with all {n} peers (were its rounds shorter than a "
+                             f"peer's start-up? raise --inner-steps)")
         before = [e for e in outer if e["outer_step"] < full[0]["outer_step"]]  # averaged alone while others started
         counted = [e for e in outer if e["outer_step"] >= full[0]["outer_step"]]
         peers.append({"start": before[-1]["t"] if before else joined["t"], "end": counted[-1]["t"],
