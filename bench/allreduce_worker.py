@@ -131,13 +131,15 @@ class SwarmPeer(Peer):
     """swarm.node.Node over a hivemind.DHT on this namespace's address: matchmaking included."""
 
     def start(self, initial_peers: list[str]) -> dict:
-        import hivemind
-
         from swarm.config import SwarmConfig
+        from swarm.dht import parse_maddrs, start_dht
+        from swarm.identity import load_identity
         from swarm.node import Node
 
-        self.dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{self.args.addr}/tcp/0"])
-        self.node = Node(self.dht)
+        identity = load_identity(None)
+        self.dht = start_dht(parse_maddrs(initial_peers, "initial_peers"),
+                             parse_maddrs([f"/ip4/{self.args.addr}/tcp/0"], "host"), [], identity)
+        self.node = Node(self.dht, identity)
         cfg = SwarmConfig(codec=self.args.codec, allreduce_timeout_s=self.args.timeout_s)
         self.node.join_run(self.args.run_id, cfg)
         return {"maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}

@@ -71,15 +71,17 @@ class Peer:
 
     def _start_dht(self, initial_peers: list[str]) -> None:
         from swarm.dht import parse_maddrs, start_dht
+        from swarm.identity import load_identity
 
+        self.identity = load_identity(None)
         self.dht = start_dht(parse_maddrs(initial_peers, "initial_peers"),
-                             parse_maddrs([f"/ip4/{self.args.addr}/tcp/0"], "host"), [], None)
+                             parse_maddrs([f"/ip4/{self.args.addr}/tcp/0"], "host"), [], self.identity)
 
     def _start_node(self, serve: bool) -> None:
         from swarm.config import SwarmConfig
         from swarm.node import Node
 
-        self.node = Node(self.dht)
+        self.node = Node(self.dht, self.identity)
         self.node.join_run(self.args.run_id, SwarmConfig(allreduce_timeout_s=self.args.timeout_s), serve=serve)
 
     def _start_averager(self, tensors: list[torch.Tensor], share: bool) -> None:

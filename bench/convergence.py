@@ -46,13 +46,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from swarm import checkpoint
 from swarm.config import ConfigError, RunConfig, load_profile
-from swarm.data import BatchSampler, peer_seed, peer_shard
+from swarm.data import peer_sampler
 from swarm.diloco import DiLoCo, flatten
 from swarm.evaluate import corpus_split, model_at, validation_loss
 from swarm.launch import start, stop, wait_for_join_address
 from swarm.metrics import read_events
 from swarm.model import build_model
-from swarm.peer import DATA_SHARDS
 
 SWARMS = {"fp32": ("fp32", False), "int8": ("int8", False), "int8-overlap": ("int8", True)}  # codec, overlap
 START_TIMEOUT_S = 120.0
@@ -193,13 +192,7 @@ def _swarm_attempt(name: str, cfg: RunConfig, args, vdir: str, workdir: str, boo
 
 # --- baselines --------------------------------------------------------------------------------------
 
-def peer_streams(cfg: RunConfig, train_tokens: int, peer_ids: list[str]) -> list[tuple[int, int, int]]:
-    """(seed, shard, shards) of each peer's BatchSampler, derived as swarm.peer.Peer._train derives them."""
-    shards = max(1, min(DATA_SHARDS, train_tokens // (100 * (cfg.model.seq_len + 1))))
-    return [(peer_seed(p, cfg.train.seed), peer_shard(p, shards), shards) for p in peer_ids]
-
-
-def run_baseline(name: str, cfg: RunConfig, world: int, streams: list, args, workdir: str) -> dict:
+def run_baseline(name: str, cfg: RunConfig, world: int, peer_ids: list[str], args, workdir: str) -> dict:
     """``single`` (world 1, every stream round robin) or ``sync`` (world N, rank i on stream i)."""
     vdir = os.path.join(workdir, name)
     os.makedirs(vdir, exist_ok=True)
@@ -209,7 +202,7 @@ def run_baseline(name: str, cfg: RunConfig, world: int, streams: list, args, wor
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    ctx = mp.start_processes(_baseline_worker, args=(world, profile, streams, round_steps, args.outer_steps, port,
+    ctx = mp.start_processes(_baseline_worker, args=(world, profile, peer_ids, round_steps, args.outer_steps, port,
                                                      vdir), nprocs=world, join=False, start_method="spawn")
     deadline = t0 + args.timeout_s
     try:
@@ -238,16 +231,15 @@ def run_baseline(name: str, cfg: RunConfig, world: int, streams: list, args, wor
     }
 
 
-def _baseline_worker(rank: int, world: int, profile: str, streams: list, round_steps: int, rounds: int,
+def _baseline_worker(rank: int, world: int, profile: str, peer_ids: list[str], round_steps: int, rounds: int,
                      port: int, out_dir: str) -> None:
     """One baseline process: the inner loop's DiLoCo.inner_step run as one long round (outer_step stays 0, so
     its lr is inner_lr at the global step), under DDP when world > 1; saves losses and θ every round."""
     torch.set_num_threads(1)  # as each swarm peer (swarm.launch gives every peer one thread)
     cfg = load_profile(profile)
     tokenizer, train, _ = corpus_split(cfg)
-    mine = streams if world == 1 else [streams[rank]]
-    samplers = [BatchSampler(train, cfg.model.seq_len, cfg.train.batch_size, seed=seed, shard=shard, num_shards=n)
-                for seed, shard, n in mine]
+    mine = peer_ids if world == 1 else [peer_ids[rank]]  # the swarm peers' own data streams (swarm.data)
+    samplers = [peer_sampler(train, p, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed) for p in mine]
     model = build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -365,7 +357,7 @@ def main(argv=None) -> int:
     print(f"convergence: {n} peers x {steps} outer steps x H={h} x B={base.train.batch_size} x "
           f"{base.model.seq_len} tokens = {tokens} tokens per variant ({base.profile} profile); logs in {workdir}",
           flush=True)
-    tokenizer, train, val = corpus_split(base)
+    tokenizer, _, val = corpus_split(base)
     results: dict[str, dict] = {}
     boot = None
     try:
@@ -378,10 +370,10 @@ def main(argv=None) -> int:
                                       address)
         stop([boot])
         boot = None
-        streams = peer_streams(base, len(train), results["fp32"]["peer_ids"])
+        peer_ids = results["fp32"]["peer_ids"]
         for name, world in (("sync", n), ("single", 1)):
             print(f"  {name}: {world} process{'es' if world > 1 else ''} ...", flush=True)
-            results[name] = run_baseline(name, derive(base, f"conv-{name}", h, steps), world, streams, args, workdir)
+            results[name] = run_baseline(name, derive(base, f"conv-{name}", h, steps), world, peer_ids, args, workdir)
     except (BenchError, RuntimeError) as e:
         print(f"bench.convergence: {e}", file=sys.stderr)
         return 1

@@ -102,6 +102,10 @@ class Codec:
     def decode(self, data: bytes, numel: int) -> torch.Tensor:
         if self.name == "int8":
             return compression.decode(data, numel, self.block_size)
+        if len(data) != 4 * numel:
+            raise compression.CodecError(f"expected {4 * numel} bytes of fp32, got {len(data)}")
+        if numel == 0:  # a vector shorter than one block per member leaves some parts empty
+            return torch.empty(0, dtype=torch.float32)
         x = torch.frombuffer(bytearray(data), dtype=torch.float32)
         if not torch.isfinite(x).all():
             raise compression.CodecError(f"{int((~torch.isfinite(x)).sum())} non-finite values")

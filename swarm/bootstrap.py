@@ -16,6 +16,7 @@ import threading
 
 from swarm.cli import run_command
 from swarm.dht import parse_maddrs, start_dht
+from swarm.identity import load_identity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     dht = start_dht(parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True),
                     parse_maddrs(args.host_maddrs, "--host-maddrs"),
-                    parse_maddrs(args.announce_maddrs, "--announce-maddrs"), args.identity)
+                    parse_maddrs(args.announce_maddrs, "--announce-maddrs"), load_identity(args.identity))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

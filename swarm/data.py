@@ -204,6 +204,18 @@ class BatchSampler:
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+DATA_SHARDS = 16  # peers hash into this many contiguous slices of the corpus
+
+
+def peer_sampler(tokens: np.ndarray, peer_key: str, seq_len: int, batch_size: int, base_seed: int) -> BatchSampler:
+    """The batches peer ``peer_key`` trains on: its own seed and its own shard, so peers see different data
+    and a restarted peer (same ``--identity``) sees the same. Small data gets fewer shards, so each still
+    holds about a hundred windows."""
+    shards = max(1, min(DATA_SHARDS, len(tokens) // (100 * (seq_len + 1))))
+    return BatchSampler(tokens, seq_len, batch_size, seed=peer_seed(peer_key, base_seed),
+                        shard=peer_shard(peer_key, shards), num_shards=shards)
+
+
 def peer_seed(peer_key: str, base_seed: int) -> int:
     """A 63-bit data seed for one peer: stable across processes and machines (unlike ``hash()``)."""
     digest = hashlib.sha256(f"seed\n{base_seed}\n{peer_key}".encode()).digest()

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -21,12 +22,11 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 from multiaddr import Multiaddr
 
 from swarm.config import ConfigError, RunConfig
-from swarm.fsutil import write_atomic
+from swarm.identity import Identity, identity_file, load_identity, peer_id_of_owner
 
 log = logging.getLogger("swarm")
 
@@ -78,24 +78,6 @@ def manifest_key(run_id: str) -> str:
     return f"{run_id}/manifest"
 
 
-def signing_key(identity_path: str | None) -> RSAPrivateKey:
-    """The RSA key that signs our owner-only DHT records; kept beside ``--identity`` so it survives restarts."""
-    if identity_path is None:
-        return RSAPrivateKey.process_wide()
-    path = identity_path + ".rsa"
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    try:
-        with open(path, "rb") as f:
-            key.__setstate__({"_private_key": f.read()})
-        return key
-    except FileNotFoundError:
-        key = RSAPrivateKey()
-        write_atomic(path, key.to_bytes(), mode=0o600)
-        return key
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read signing key {path}: {e}") from None
-
-
 def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> list[Multiaddr]:
     """Validate user-typed multiaddrs before any daemon starts, so a typo is one clear line."""
     out = []
@@ -114,23 +96,29 @@ def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> li
 
 
 def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], announce_maddrs: list[Multiaddr],
-              identity_path: str | None, key: RSAPrivateKey | None = None) -> hivemind.DHT:
-    """Start this peer's DHT node (and its p2pd); UnreachableError if no initial peer answers.
+              identity: Identity | None = None) -> hivemind.DHT:
+    """Start this node's DHT (and its p2pd) under ``identity`` (a throw-away one if None);
+    UnreachableError if no initial peer answers.
 
     Every node checks owner-only records (subkeys that carry an RSA public key) by signature, and never lets
     a run's config be overwritten.
     """
+    identity = identity or load_identity(None)
+    path, temporary = identity_file(identity)
     try:
         return hivemind.DHT(
             initial_peers=[str(m) for m in initial_peers], start=True,
             host_maddrs=[str(m) for m in host_maddrs], announce_maddrs=[str(m) for m in announce_maddrs],
-            identity_path=identity_path, check_if_identity_free=False, startup_timeout=20,
-            record_validators=[RSASignatureValidator(key or RSAPrivateKey.process_wide()), WriteOnceValidator()],
+            identity_path=path, check_if_identity_free=False, startup_timeout=20,
+            record_validators=[RSASignatureValidator(identity.key), WriteOnceValidator()],
         )
     except P2PDaemonError as e:
         if "bootstrap" in str(e) and initial_peers:
             raise UnreachableError(f"cannot reach any initial peer ({', '.join(map(str, initial_peers))})") from None
         raise RuntimeError(f"cannot start the p2p daemon: {str(e).splitlines()[0]}") from None
+    finally:
+        if temporary:  # p2pd has read it by now
+            os.unlink(path)
 
 
 class SwarmDHT:
@@ -140,9 +128,11 @@ class SwarmDHT:
     request pipe (not thread-safe) to one writer.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, key: RSAPrivateKey | None = None):
-        self.dht, self.run_id = dht, run_id
-        self.owner_subkey = RSASignatureValidator(key or RSAPrivateKey.process_wide()).local_public_key
+    def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity | None = None):
+        """``identity`` (the one the DHT was started with) is needed only to write our signed records."""
+        self.dht, self.run_id, self.identity = dht, run_id, identity
+        if identity is not None and identity.peer_id != dht.peer_id.to_base58():
+            raise ValueError("SwarmDHT: the identity is not the one this DHT node runs under")
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs from its liveness record
         self._lock = threading.Lock()
 
@@ -184,13 +174,27 @@ class SwarmDHT:
 
     # --- liveness and readiness ------------------------------------------------------------------
 
-    async def heartbeat(self, peer_id: str, info: dict, ttl_s: float) -> None:
-        await self.store(peers_key(self.run_id), peer_id, info, ttl_s)
+    async def store_signed(self, key: str, value: dict, ttl_s: float) -> bool:
+        """Our record under ``key``, in the subkey only our identity can write, naming us as its ``peer``."""
+        return await self.store(key, self.identity.owner_subkey, {**value, "peer": self.identity.peer_id}, ttl_s)
+
+    async def get_signed(self, key: str) -> dict[str, dict]:
+        """peer id -> record, for the records under ``key`` that their named peer signed itself; a record
+        signed by one identity that names another peer is dropped (the DHT already checked the signature)."""
+        out = {}
+        for subkey, value in (await self.get_subkeys(key)).items():
+            peer = peer_id_of_owner(subkey)
+            if peer is not None and isinstance(value, dict) and value.get("peer") == peer:
+                out[peer] = value
+        return out
+
+    async def heartbeat(self, info: dict, ttl_s: float) -> None:
+        await self.store_signed(peers_key(self.run_id), info, ttl_s)
 
     async def live_peers(self) -> dict[str, dict]:
-        """peer id -> its latest liveness record (name, outer_step, state, samples, compute_s, ...)."""
-        live = {k: v for k, v in (await self.get_subkeys(peers_key(self.run_id))).items()
-                if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("round"), int)
+        """peer id -> its latest liveness record (name, round, training, state, samples, compute_s, ...)."""
+        live = {k: v for k, v in (await self.get_signed(peers_key(self.run_id))).items()
+                if isinstance(v.get("round"), int) and isinstance(v.get("training", 0), int)
                 and v.get("state") != "left"}
         for peer, record in live.items():
             maddrs = record.get("maddrs")
@@ -198,27 +202,24 @@ class SwarmDHT:
                 self.addresses[peer] = maddrs[:4]
         return live
 
-    async def announce_ready(self, outer_step: int, peer_id: str, info: dict, ttl_s: float) -> None:
-        await self.store(outer_key(self.run_id, outer_step), peer_id, info, ttl_s)
+    async def announce_ready(self, outer_step: int, info: dict, ttl_s: float) -> None:
+        await self.store_signed(outer_key(self.run_id, outer_step), info, ttl_s)
 
     async def ready_peers(self, outer_step: int) -> dict[str, dict]:
-        return {k: v for k, v in (await self.get_subkeys(outer_key(self.run_id, outer_step))).items()
-                if isinstance(k, str) and isinstance(v, dict)}
+        return await self.get_signed(outer_key(self.run_id, outer_step))
 
     # --- checkpoint manifests ------------------------------------------------------------------
 
     async def publish_manifest(self, record: dict, ttl_s: float) -> bool:
-        """Our signed record under ``<run>/manifest``: only our key can write this subkey."""
-        return await self.store(manifest_key(self.run_id), self.owner_subkey, record, ttl_s)
+        """Our signed record under ``<run>/manifest``."""
+        return await self.store_signed(manifest_key(self.run_id), record, ttl_s)
 
-    async def manifests(self) -> dict[bytes, dict]:
-        """Holder key -> manifest record {peer, outer_step, manifest, model_sha256, size}, well-formed ones only."""
-        out = {}
-        for subkey, rec in (await self.get_subkeys(manifest_key(self.run_id))).items():
-            if isinstance(rec, dict) and isinstance(rec.get("peer"), str) and isinstance(rec.get("outer_step"), int) \
-                    and isinstance(rec.get("manifest"), str) and len(rec["manifest"]) == 64:
-                out[subkey] = rec
-        return out
+    async def manifests(self) -> dict[str, dict]:
+        """Holder's peer id -> manifest record {peer, outer_step, manifest, model_sha256, size}: well-formed
+        records signed by the holder they name."""
+        return {peer: rec for peer, rec in (await self.get_signed(manifest_key(self.run_id))).items()
+                if isinstance(rec.get("outer_step"), int) and isinstance(rec.get("manifest"), str)
+                and len(rec["manifest"]) == 64}
 
 
 async def find_run_config(dht: hivemind.DHT, run_id: str | None, wait_s: float) -> RunConfig | None:

@@ -54,7 +54,7 @@ def from_checkpoint(path: str) -> tuple[RunConfig, dict]:
 
 def from_swarm(initial_peers: list[str], run_id: str | None) -> tuple[RunConfig, dict]:
     node = Node(start_dht(parse_maddrs(initial_peers, "--initial-peers", need_peer_id=True),
-                          parse_maddrs(["/ip4/0.0.0.0/tcp/0"], "--host-maddrs"), [], None))
+                          parse_maddrs(["/ip4/0.0.0.0/tcp/0"], "--host-maddrs"), []))
     try:
         cfg = node.call(find_run_config(node.dht, run_id, CONFIG_LOOKUP_S))
         if cfg is None:

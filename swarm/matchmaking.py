@@ -1,8 +1,9 @@
 """Deterministic group formation for one outer step, without livelock.
 
 A peer that has finished its inner steps announces itself under ``<run>/outer/<k>`` and
-waits until every live peer of round k (from the ``<run>/peers`` liveness records) has
-done the same, or ``gather_timeout_s`` passes. The lowest peer id among those announced is
+waits until every live peer of round k (from the signed ``<run>/peers`` liveness records:
+those whose θ_global is at round k, or who are training round k while round k-1 averages)
+has done the same, or ``gather_timeout_s`` passes. The lowest peer id among those announced is
 the leader: the others send it a join request and it answers all of them with one group
 (members, sample weights, a fresh group id). hivemind's matchmaking picks leaders by
 expiration time and can keep peers asking one another to lead (shared/HIVEMIND.md); here
@@ -27,6 +28,7 @@ from hivemind.p2p import P2P
 
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
+from swarm.manifest import choose_manifest
 from swarm.wire import WireError, field, open_stream, read_msg, write_msg
 
 log = logging.getLogger("swarm")
@@ -66,6 +68,7 @@ class _Gathering:
     weight: float
     base: str  # model_sha256 of θ_global this round starts from
     leader: str | None = None
+    ignored_claims: bool = False  # said once that far-ahead claims lack a model
     role_decided: asyncio.Event = dc_field(default_factory=asyncio.Event)
     joins: dict[str, float] = dc_field(default_factory=dict)
     joined: asyncio.Event = dc_field(default_factory=asyncio.Event)
@@ -114,7 +117,7 @@ class Matchmaker:
                 raise AveragingError(f"round {k}: no leader answered within {self.cfg.join_timeout_s * 2:.0f} s")
 
     async def _announce(self, g: _Gathering) -> None:
-        await self.sdht.announce_ready(g.outer_step, self.peer_id, {"w": g.weight, "base": g.base, "a": g.attempt},
+        await self.sdht.announce_ready(g.outer_step, {"w": g.weight, "base": g.base, "a": g.attempt},
                                        ttl_s=self.cfg.gather_timeout_s + self.cfg.join_timeout_s + 30)
 
     async def _gather(self, g: _Gathering, excluded: set[str]) -> dict[str, dict]:
@@ -126,7 +129,7 @@ class Matchmaker:
         while True:
             ready, live = await asyncio.gather(self.sdht.ready_peers(k), self.sdht.live_peers())
             ahead = [p for p, rec in live.items() if rec["round"] > k and p != self.peer_id]
-            if ahead:
+            if ahead and await self._round_is_held(k, ahead, g):
                 raise StaleRound(f"round {k}: peers {', '.join(p[-6:] for p in ahead)} are already past it")
             attempts = [info.get("a", 0) for p, info in ready.items() if p in live and isinstance(info.get("a"), int)]
             if attempts and max(attempts) > g.attempt:  # the others are retrying: meet them there
@@ -136,7 +139,9 @@ class Matchmaker:
             # announcements outlive their peers by up to a minute: only live peers count
             ready = {p: info for p, info in ready.items()
                      if p != self.peer_id and p in live and info.get("a", 0) == g.attempt}
-            expected = {p for p, rec in live.items() if rec["round"] == k} - excluded - {self.peer_id}
+            # with train.overlap a peer still averaging round k-1 has already trained round k: it is coming
+            expected = {p for p, rec in live.items() if k in (rec["round"], rec.get("training"))}
+            expected -= excluded | {self.peer_id}
             if expected <= set(ready) or time.monotonic() > deadline:
                 return ready
             if time.monotonic() > next_note:  # say why we are idle
@@ -145,6 +150,20 @@ class Matchmaker:
                 log.info("round %d: waiting for %s to finish their inner steps (%.0f s of %.0f)", k,
                          ", ".join(waiting), time.monotonic() - started, self.cfg.gather_timeout_s)
             await asyncio.sleep(POLL_S)
+
+    async def _round_is_held(self, k: int, ahead: list[str], g: _Gathering) -> bool:
+        """Whether the swarm's models have moved past round k: the manifest most peers hold is of step k or later.
+        A liveness record alone is a claim; without a model behind it a peer that says it is far ahead is
+        ignored, or one liar would send every honest peer to resynchronise forever."""
+        records = {p: r for p, r in (await self.sdht.manifests()).items() if p != self.peer_id}
+        chosen = choose_manifest(records)
+        if chosen is not None and chosen[0]["outer_step"] >= k:
+            return True
+        if not g.ignored_claims:
+            g.ignored_claims = True
+            log.info("round %d: peers %s claim a later round, but no model of it is held yet", k,
+                     ", ".join(p[-6:] for p in ahead))
+        return False
 
     async def _lead(self, g: _Gathering, expected: set[str], announced: set[str]) -> Group:
         g.leader = self.peer_id

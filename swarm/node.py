@@ -16,11 +16,11 @@ from typing import Any, Coroutine
 import hivemind
 import torch
 import uvloop
-from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging import Averager, AverageResult
 from swarm.config import SwarmConfig
 from swarm.dht import SwarmDHT
+from swarm.identity import Identity
 from swarm.manifest import ChunkServer, DownloadStats, Manifest, choose_manifest, download
 from swarm.metrics import human_bytes
 
@@ -28,8 +28,9 @@ log = logging.getLogger("swarm")
 
 
 class Node:
-    def __init__(self, dht: hivemind.DHT, key: RSAPrivateKey | None = None):
-        self.dht, self.key = dht, key
+    def __init__(self, dht: hivemind.DHT, identity: Identity | None = None):
+        """``identity``: the one ``dht`` was started with; without it the node only reads (tools, not members)."""
+        self.dht, self.identity = dht, identity
         self.peer_id = dht.peer_id.to_base58()
         self.status: dict[str, Any] = {"round": 1, "state": "starting"}
         self._loop = uvloop.new_event_loop()
@@ -43,7 +44,7 @@ class Node:
         """Serve this run's protocols (join, all-reduce, chunks) and publish our liveness record; with
         ``serve=False`` only read the run's records and download from it (a tool, not a member)."""
         self.cfg = cfg
-        self.sdht = SwarmDHT(self.dht, run_id, self.key)
+        self.sdht = SwarmDHT(self.dht, run_id, self.identity)
         if not serve:
             return
         # our addresses travel in our liveness record: peers whose libp2p cannot find us still can dial
@@ -61,7 +62,7 @@ class Node:
     def set_status(self, **fields: Any) -> None:
         """Update what our liveness record says; published now and at every heartbeat."""
         self.status.update(fields)
-        self.call(self.sdht.heartbeat(self.peer_id, self._record(), self._ttl_s))
+        self.call(self.sdht.heartbeat(self._record(), self._ttl_s))
 
     def _record(self) -> dict:
         return {**self.status, "t": round(time.time(), 1)}
@@ -73,7 +74,7 @@ class Node:
     async def _heartbeat(self) -> None:
         while True:
             try:
-                await self.sdht.heartbeat(self.peer_id, self._record(), self._ttl_s)
+                await self.sdht.heartbeat(self._record(), self._ttl_s)
                 if self.manifest_record is not None:
                     await self.sdht.publish_manifest(self.manifest_record, self._ttl_s)
             except Exception as e:  # a DHT hiccup must not stop the heartbeat
@@ -112,7 +113,7 @@ class Node:
             return None
         record, holders = chosen
         # tell the swarm at once which round we will join, so its groups wait for us while we download
-        self.set_status(round=record["outer_step"] + 1, state="syncing")
+        self.set_status(round=record["outer_step"] + 1, training=record["outer_step"] + 1, state="syncing")
         local_manifest, local_payload = local if local else (None, None)
         self.live_peers()  # refreshes the holders' address hints
         return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
@@ -122,9 +123,10 @@ class Node:
     def close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-            try:  # tell the swarm at once instead of letting the record expire
+            try:  # tell the swarm at once instead of letting the record expire; the DHT keeps the value that
+                # expires last, so the farewell must outlive the last heartbeat
                 self.status["state"] = "left"
-                self.call(self.sdht.heartbeat(self.peer_id, self._record(), self.cfg.heartbeat_s), timeout_s=2)
+                self.call(self.sdht.heartbeat(self._record(), self._ttl_s + 1), timeout_s=2)
             except Exception:
                 pass
         try:

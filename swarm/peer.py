@@ -26,9 +26,10 @@ from swarm.averaging import AveragingError, StaleRound
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm import checkpoint
 from swarm.cli import run_command
-from swarm.dht import SwarmDHT, find_run_config, parse_maddrs, signing_key, start_dht
+from swarm.dht import SwarmDHT, find_run_config, parse_maddrs, start_dht
 from swarm.diloco import DiLoCo, flatten
 from swarm.holder import Holder
+from swarm.identity import load_identity
 from swarm.manifest import DownloadError
 from swarm.metrics import Metrics, human_bytes
 from swarm.model import build_model
@@ -38,7 +39,6 @@ from swarm.wire import WireError
 
 log = logging.getLogger("swarm")
 
-DATA_SHARDS = 16  # peers hash into this many contiguous slices of the corpus
 CONFIG_LOOKUP_S = 20.0  # how long a joiner keeps asking the DHT for the run config
 PROGRESS_EVERY = 10  # inner steps between progress lines and `inner` events
 
@@ -105,8 +105,8 @@ class Peer:
         local = load_profile(args.config, args.run_id) if args.config else None
         corpus = swarm_data.load_text(None)
         text = swarm_data.load_text(args.data) if args.data else corpus
-        key = signing_key(args.identity)
-        self.node = Node(start_dht(initial, host, announce, args.identity, key), key)
+        identity = load_identity(args.identity)
+        self.node = Node(start_dht(initial, host, announce, identity), identity)
         try:
             cfg, is_new = self._resolve_config(local)
             # The tokenizer comes from the embedded corpus on every peer, so ids agree even with --data.
@@ -148,14 +148,11 @@ class Peer:
             os.makedirs(cache_dir, exist_ok=True)
         tokens, _ = swarm_data.split_tokens(swarm_data.prepare_tokens(text, tokenizer, cache_dir))
         name = args.name or node.peer_id[-6:]
-        # small --data gets fewer shards, so each still holds about a hundred windows
-        shards = max(1, min(DATA_SHARDS, len(tokens) // (100 * (cfg.model.seq_len + 1))))
-        sampler = swarm_data.BatchSampler(tokens, cfg.model.seq_len, cfg.train.batch_size,
-                                          seed=swarm_data.peer_seed(node.peer_id, cfg.train.seed),
-                                          shard=swarm_data.peer_shard(node.peer_id, shards), num_shards=shards)
+        sampler = swarm_data.peer_sampler(tokens, node.peer_id, cfg.model.seq_len, cfg.train.batch_size,
+                                          cfg.train.seed)
         self.diloco = diloco = DiLoCo(build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed), cfg.train)
         self.metrics = metrics = Metrics(args.metrics_file, node.peer_id, name)
-        node.status.update(name=name, round=1, state="joining", samples=0, compute_s=0.0)
+        node.status.update(name=name, round=1, training=1, state="joining", samples=0, compute_s=0.0)
         node.join_run(cfg.run_id, cfg.swarm)
         self.holder = Holder(cfg, node.publish, args.checkpoint_dir, on_saved=self._saved)
         if args.dashboard_port is not None:
@@ -194,8 +191,8 @@ class Peer:
         try:
             while max_steps is None or diloco.outer_step + (pending is not None) < max_steps:
                 k_train = diloco.outer_step + 1 + (pending is not None)
-                node.set_status(round=diloco.outer_step + 1, state="training", samples=self.samples_total,
-                                compute_s=round(self.compute_total, 1))
+                node.set_status(round=diloco.outer_step + 1, training=k_train, state="training",
+                                samples=self.samples_total, compute_s=round(self.compute_total, 1))
                 for i in range(cfg.train.inner_steps):
                     losses.append(self._inner_step(k_train, i))
                     if pending is not None and pending.future.done():

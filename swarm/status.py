@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def show(args: argparse.Namespace) -> int:
     initial = parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True)
-    dht = start_dht(initial, parse_maddrs(args.host_maddrs, "--host-maddrs"), [], None)
+    dht = start_dht(initial, parse_maddrs(args.host_maddrs, "--host-maddrs"), [])
     try:
         cfg, rows = asyncio.run(read_swarm(dht, args.run_id))
     finally:

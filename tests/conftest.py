@@ -11,7 +11,11 @@ import time
 import psutil
 import pytest
 
+from swarm.config import SwarmConfig
+from swarm.dht import parse_maddrs, start_dht
+from swarm.identity import load_identity
 from swarm.launch import JOIN_LINE
+from swarm.node import Node
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -79,3 +83,18 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def start_nodes(n: int, run_id: str, cfg: SwarmConfig, **status) -> list:
+    """n real nodes on loopback, each under its own identity, members of ``run_id``; ``status`` fields
+    (e.g. round=1) are published before the call returns."""
+    loopback = parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "test")
+    identities = [load_identity(None) for _ in range(n)]
+    first = start_dht([], loopback, [], identities[0])
+    dhts = [first] + [start_dht(first.get_visible_maddrs(), loopback, [], i) for i in identities[1:]]
+    nodes = [Node(d, i) for d, i in zip(dhts, identities)]
+    for node in nodes:
+        node.join_run(run_id, cfg)
+        if status:
+            node.set_status(**status)
+    return nodes

@@ -6,7 +6,6 @@ import concurrent.futures as cf
 import struct
 import time
 
-import hivemind
 import pytest
 import torch
 
@@ -14,18 +13,13 @@ from swarm.averaging import Codec, part_bounds
 from swarm.config import SwarmConfig
 from swarm.node import Node
 
+import conftest
+
 NUMEL = 10_000 + 17  # not a multiple of the block size
 
 
 def start_nodes(n: int, cfg: SwarmConfig) -> list[Node]:
-    first = hivemind.DHT(start=True)
-    dhts = [first] + [hivemind.DHT(initial_peers=[str(m) for m in first.get_visible_maddrs()], start=True)
-                      for _ in range(n - 1)]
-    nodes = [Node(d) for d in dhts]
-    for node in nodes:
-        node.join_run("avg-test", cfg)
-        node.set_status(round=1, state="training")  # published before anyone averages
-    return nodes
+    return conftest.start_nodes(n, "avg-test", cfg, round=1, training=1, state="training")
 
 
 def close(nodes: list[Node]) -> None:

@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+from hivemind.proto import crypto_pb2
 
 from conftest import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
 
@@ -38,6 +39,16 @@ def test_bad_profile_value_exits_2(tmp_path):
     profile = tmp_path / "bad.toml"
     profile.write_text("[train]\ninner_steps = -5\n")
     assert_one_line_error(run_cli("swarm.peer", "--config", str(profile)), 2, "must be positive")
+
+
+def test_an_unusable_identity_file_exits_2(tmp_path):
+    garbage, ed25519 = tmp_path / "garbage.key", tmp_path / "ed25519.key"
+    garbage.write_bytes(os.urandom(300))
+    ed25519.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.Ed25519, data=os.urandom(64)).SerializeToString())
+    for path, fragment in ((garbage, "not a usable libp2p identity"), (ed25519, "holds a Ed25519 key")):
+        result = run_cli("swarm.peer", "--config", "peers/tiny.toml", "--identity", str(path), *LOOPBACK)
+        assert_one_line_error(result, 2, fragment)
+        assert path.read_bytes()  # never overwritten: it may be someone's only key
 
 
 def test_unreachable_initial_peer_exits_3_quickly():

@@ -9,12 +9,13 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.config import SwarmConfig
-from swarm.dht import manifest_key, parse_maddrs, start_dht
+from swarm.dht import manifest_key
 from swarm.manifest import CHUNKS, ChunkServer, DownloadError, download, pack_state
 from swarm.node import Node
+
+import conftest
 
 NUMEL = 700_000  # 5.6 MB payload, 6 chunks of 1 MiB
 CFG = SwarmConfig(heartbeat_s=0.5, allreduce_timeout_s=10)
@@ -30,14 +31,7 @@ class CorruptChunkServer(ChunkServer):
 
 
 def start_nodes(n: int) -> list[Node]:
-    keys = [RSAPrivateKey() for _ in range(n)]
-    loopback = parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "test")
-    first = start_dht([], loopback, [], None, keys[0])
-    dhts = [first] + [start_dht(first.get_visible_maddrs(), loopback, [], None, k) for k in keys[1:]]
-    nodes = [Node(d, k) for d, k in zip(dhts, keys)]
-    for node in nodes:
-        node.join_run("manifest-test", CFG)
-    return nodes
+    return conftest.start_nodes(n, "manifest-test", CFG)
 
 
 @pytest.fixture
@@ -105,11 +99,14 @@ def test_a_manifest_subkey_of_another_identity_is_refused(swarm_of_four):
     forged = {"peer": mallory.peer_id, "outer_step": 99, "manifest": "f" * 64, "model_sha256": "0" * 64, "size": 1}
     # mallory writes under alice's key: her DHT node cannot sign it, and every node's validator refuses it
     stored = mallory.dht.store(manifest_key("manifest-test"), msgpack.packb(forged), get_dht_time() + 30,
-                               subkey=alice.sdht.owner_subkey)
+                               subkey=alice.identity.owner_subkey)
     assert stored is False
+    # mallory signs a record with her own key that names alice as its holder: readers drop it
+    assert mallory.call(mallory.sdht.store(manifest_key("manifest-test"), mallory.identity.owner_subkey,
+                                           {**forged, "peer": alice.peer_id}, 30))
     records = reader.call(reader.sdht.manifests())
-    assert list(records.values()) == [alice.manifest_record]
-    assert records[alice.sdht.owner_subkey]["outer_step"] == 7
+    assert records == {alice.peer_id: {**alice.manifest_record, "peer": alice.peer_id}}
+    assert records[alice.peer_id]["outer_step"] == 7
 
 
 def test_malformed_and_oversized_requests_get_errors_and_serving_goes_on(swarm_of_four):
