@@ -32,7 +32,8 @@ import subprocess
 import sys
 import time
 
-from bench.netns import NetnsError, Topology, cleanup_leftovers, missing_requirements, netem_available, peer_addr
+from bench.common import finish_figure, make_parents, netns_preflight, write_results
+from bench.netns import NetnsError, Topology, netem_available, peer_addr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 180.0  # importing torch and hivemind in 8 processes on 2 cores is slow
@@ -289,24 +290,18 @@ def plot(rows: list[dict], path: str) -> None:
     ax_t.set_ylabel("all-reduce time, s (median)")
     ax_e.set_ylabel("efficiency = bound / time")
     ax_e.axhline(1.0, color="gray", lw=0.8)
-    ax_t.legend(fontsize=8)
     ax_t.set_title(f"{rows[0]['size_mb']:g} MB fp32 vector, {rows[0]['bandwidth_set_mbit']:g} Mbit/s links")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, path, (ax_t,))
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = missing_requirements()
-    if problem:
-        print(f"bench.allreduce: {problem}", file=sys.stderr)
-        return 2
-    cleanup_leftovers()
+    if (code := netns_preflight("bench.allreduce")) is not None:
+        return code
     numel = int(args.size_mb * 1e6) // 4
-    for path in (args.json, args.plot):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_parents(args.json, args.plot)
     log_dir = args.log_dir
     os.makedirs(log_dir, exist_ok=True)
     rows: list[dict] = []
@@ -343,7 +338,7 @@ def main(argv=None) -> int:
         print("bench.allreduce: interrupted; every namespace removed", file=sys.stderr)
         return 130
     finally:
-        _write(rows, args)
+        write_results(rows, args.json, args.plot, plot)
     print("\nAll settings (efficiency = bound / all-reduce time; matchmaking timed apart):")
     print(HEADER)
     for row in rows:
@@ -353,14 +348,6 @@ def main(argv=None) -> int:
               f"{stats['dropped']} dropped, {stats['late_over_2ms']} late by > 2 ms (max {stats['max_late_ms']:.1f} ms)")
     print(f"wrote {args.json} and {args.plot}; worker logs in {log_dir}")
     return 0
-
-
-def _write(rows: list[dict], args) -> None:
-    if not rows:
-        return
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
-    plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,14 @@ from __future__ import annotations
 import abc
 import argparse
 import hashlib
-import json
-import logging
 import os
-import sys
 import threading
 import time
 
 import torch
 
 from bench.netns import link_bytes
-from bench.worker_loop import serve
+from bench.worker_loop import run_worker
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -278,25 +275,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
 
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    def reply(message: dict) -> None:
-        replies.write(json.dumps(message) + "\n")
-
-    try:
-        peer = SYSTEMS[args.system](args)
-    except Exception as e:
-        reply({"error": f"load failed: {type(e).__name__}: {e}"})
-        raise
-    reply({"loaded": True})
-    try:
-        serve(peer, reply)
-    finally:
-        reply({"closed": True})
+    run_worker(lambda: SYSTEMS[args.system](args), args.threads)
 
 
 if __name__ == "__main__":

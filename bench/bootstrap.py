@@ -31,7 +31,8 @@ import sys
 import threading
 
 from bench.allreduce import BenchError, Workers, _list, _unit
-from bench.netns import NetnsError, Topology, _run, cleanup_leftovers, missing_requirements, peer_addr
+from bench.common import finish_figure, make_parents, netns_preflight, write_results
+from bench.netns import NetnsError, Topology, _run, peer_addr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 180.0  # importing torch and hivemind in 5 processes on 2 cores is slow
@@ -236,26 +237,20 @@ def plot(rows: list[dict], path: str) -> None:
     ax_e.axhline(1.0, color="gray", lw=0.8)
     ax_e.axhline(0.85, color="gray", lw=0.8, ls="--", label="target 0.85")
     ax_e.legend(fontsize=8, loc="lower left")
-    ax_t.legend(fontsize=8)
     ax_t.set_title(f"late joiner, {rows[0]['size_mb']:g} MB state; each holder's uplink "
                    f"{rows[0]['bandwidth_set_mbit']:g} Mbit/s\n(TCP goodput {rows[0]['bandwidth_mbit']:.1f}), "
                    "the joiner's downlink unshaped", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, path, (ax_t,))
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = missing_requirements()
-    if problem:
-        print(f"bench.bootstrap: {problem}", file=sys.stderr)
-        return 2
-    cleanup_leftovers()
+    if (code := netns_preflight("bench.bootstrap")) is not None:
+        return code
     numel = int(args.size_mb * 1e6) // 8  # theta and momentum, fp32 each
-    for path in (args.json, args.plot):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_parents(args.json, args.plot)
     os.makedirs(args.log_dir, exist_ok=True)
     holders = max(args.holders)
     rows: list[dict] = []
@@ -274,7 +269,7 @@ def main(argv=None) -> int:
         print("bench.bootstrap: interrupted; every namespace removed", file=sys.stderr)
         return 130
     finally:
-        _write(rows, args)
+        write_results(rows, args.json, args.plot, plot)
     print("\nAll rows (efficiency = S/(N·B) / seconds; B = measured goodput of one holder's uplink):")
     print(HEADER)
     for row in rows:
@@ -294,14 +289,6 @@ def main(argv=None) -> int:
               f"{'met' if met else 'MISSED'} at {best[0]['efficiency']}")
     print(f"wrote {args.json} and {args.plot}; worker logs in {args.log_dir}")
     return 0
-
-
-def _write(rows: list[dict], args) -> None:
-    if not rows:
-        return
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
-    plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import logging
 import os
-import sys
 import time
 
 import torch
 
 from bench.allreduce_worker import Trace, cpu_delta, cpu_seconds, tcp_retransmits, wire_bytes
-from bench.worker_loop import serve
+from bench.worker_loop import run_worker
 
 # hivemind shares tensors between its processes as named files in /dev/shm by default; a process that is
 # stopped before it frees them leaves them there (seen: 200 MB per run). File descriptors die with the process.
@@ -219,21 +217,7 @@ def main() -> None:
     parser.add_argument("--trace-ms", type=float, default=20.0, help="sample eth0's counters this often (0: off)")
     args = parser.parse_args()
 
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    def reply(message: dict) -> None:
-        replies.write(json.dumps(message) + "\n")
-
-    peer = (Holder if args.role == "holder" else Joiner)(args)
-    reply({"loaded": True})
-    try:
-        serve(peer, reply)
-    finally:
-        reply({"closed": True})
+    run_worker(lambda: (Holder if args.role == "holder" else Joiner)(args), 1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ which every member agreed on ``model_sha256``, and final loss against the undist
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -23,6 +22,7 @@ import sys
 import tempfile
 import time
 
+from bench.common import write_json
 from swarm.launch import start, stop, wait_for_join_address
 from swarm.metrics import read_events
 
@@ -191,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}} | {value}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(result, args.json)
     print(f"wrote {args.json}")
     ok = result["steps_completed"] == args.outer_steps and result["never_rejoined"] == 0 and \
         result["steps_with_hash_agreement"] == result["steps_completed"] and abs(gap) <= 0.05 and \

@@ -16,13 +16,12 @@ phase 2 runs the ops it speeds up.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
 
+from bench.common import write_json
 from swarm.compression import BLOCK_SIZE, compile_kernels, decode, dequantize, encode, encoded_size, quantize
 
 TARGET = 0.75
@@ -100,9 +99,7 @@ def main() -> None:
         verdict = "-" if target is None else "pass" if row["ratio_to_copy"] >= target else "FAIL"
         print(f"{row['op']:<16} {row['kernel'] or '-':<9} {row['gb_per_s']:7.2f} {row['ratio_to_copy']:7.2f} "
               f"{'-' if target is None else f'{target:.2f}':>7}  {verdict}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(rows, args.json)
     print(f"wrote {args.json}")
 
 

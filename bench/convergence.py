@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from bench.common import finish_figure, make_parents, write_json
 from swarm import checkpoint
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm.data import peer_sampler
@@ -332,11 +333,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax_train.set_ylabel("train loss (mean over the round's batches and peers)")
     for ax in (ax_val, ax_train):
         ax.set_xlabel("tokens trained (all peers)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, path, (ax_val, ax_train), title)
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -350,8 +347,7 @@ def main(argv=None) -> int:
         return 2
     workdir = args.workdir or tempfile.mkdtemp(prefix="swarm-convergence-")
     os.makedirs(workdir, exist_ok=True)
-    for path in (args.json, args.plot):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_parents(args.json, args.plot)
     n, steps, h = args.peers, args.outer_steps, args.inner_steps
     tokens = n * steps * h * base.train.batch_size * base.model.seq_len
     print(f"convergence: {n} peers x {steps} outer steps x H={h} x B={base.train.batch_size} x "
@@ -410,8 +406,7 @@ def main(argv=None) -> int:
                 "eval_windows": args.eval_batches * args.eval_batch_size, "eval_seed": args.eval_seed,
                 "initial_val_loss": round(initial, 5), "threads_per_process": 1,
                 "sync_bytes": "computed: 2(N-1)/N x 4 x parameters per step (ring all-reduce of fp32 gradients)"}
-    with open(args.json, "w") as f:
-        json.dump({"settings": settings, "variants": rows, "targets": goals}, f, indent=1)
+    write_json({"settings": settings, "variants": rows, "targets": goals}, args.json)
     plot(rows, args.plot, f"{base.profile} profile, N={n}, H={h}, {steps} outer steps, {tokens / 1e6:.2f}M tokens "
                           f"per variant")
     print(f"wrote {args.json} and {args.plot}; logs in {workdir}")

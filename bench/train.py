@@ -47,7 +47,6 @@ of it for reasons that are not the network (the table's "ratio" against "util" s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -55,7 +54,8 @@ import sys
 import time
 
 from bench.convergence import derive, write_profile
-from bench.netns import NetnsError, Topology, cleanup_leftovers, link_bytes, missing_requirements, peer_addr
+from bench.common import finish_figure, make_parents, netns_preflight, write_results
+from bench.netns import NetnsError, Topology, link_bytes, peer_addr
 from swarm.averaging import Codec
 from swarm.config import ConfigError, RunConfig, load_profile
 from swarm.evaluate import corpus_split
@@ -240,30 +240,21 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax_tok.set_xlabel("tokens trained (all peers)")
     ax_t.set_xlabel("seconds since every peer was training")
     ax_tok.set_ylabel("train loss (mean over the round's batches and peers)")
-    for ax in (ax_tok, ax_t):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, path, (ax_tok, ax_t), title)
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = missing_requirements()
-    if problem:
-        print(f"bench.train: {problem}", file=sys.stderr)
-        return 2
     try:
         base = load_profile(args.config)
     except ConfigError as e:
         print(f"bench.train: {e}", file=sys.stderr)
         return 2
-    cleanup_leftovers()
-    for path in (args.json, args.plot):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if (code := netns_preflight("bench.train")) is not None:
+        return code
+    make_parents(args.json, args.plot)
     n, h, steps = args.peers, args.inner_steps, args.outer_steps
     tokenizer, _, _ = corpus_split(base)  # trains and caches the tokenizer and token file before any peer needs them
     numel = sum(p.numel() for p in build_model(base.model, tokenizer.vocab_size, base.train.seed).parameters())
@@ -310,11 +301,8 @@ def main(argv=None) -> int:
         print("bench.train: interrupted; every namespace removed", file=sys.stderr)
         return 130
     finally:
-        if rows:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-            plot(rows, args.plot, f"{base.profile} profile, N={n}, H={h}, {steps} outer steps, {budget / 1e6:.2f}M "
-                                  f"tokens per setting")
+        title = f"{base.profile} profile, N={n}, H={h}, {steps} outer steps, {budget / 1e6:.2f}M tokens per setting"
+        write_results(rows, args.json, args.plot, lambda rows_, path: plot(rows_, path, title))
     print("\nAll settings (util: time in inner steps / wall after start-up; bound: at the bandwidth bound; "
           "ratio: tok/s / N x alone):")
     print(HEADER)

@@ -23,6 +23,7 @@ from swarm.dht import SwarmDHT
 from swarm.identity import Identity
 from swarm.manifest import ChunkServer, DownloadStats, Manifest, choose_manifest, download
 from swarm.metrics import human_bytes
+from swarm.progress import Progress
 
 log = logging.getLogger("swarm")
 
@@ -116,9 +117,14 @@ class Node:
         self.set_status(round=record["outer_step"] + 1, training=record["outer_step"] + 1, state="syncing")
         local_manifest, local_payload = local if local else (None, None)
         self.live_peers()  # refreshes the holders' address hints
-        return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
-                                  local_payload=local_payload, local_manifest=local_manifest,
-                                  hints=self.sdht.addresses, progress=_ProgressLog(record["outer_step"], holders)))
+        progress = Progress(f"downloading outer step {record['outer_step']} from {len(holders)} peers", None,
+                            _describe_download, unit="B", unit_scale=True)
+        try:
+            return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
+                                      local_payload=local_payload, local_manifest=local_manifest,
+                                      hints=self.sdht.addresses, progress=lambda done, total: progress.update(done, total)))
+        finally:
+            progress.close()
 
     def close(self) -> None:
         if self._heartbeat_task is not None:
@@ -146,20 +152,5 @@ class Node:
         await asyncio.wait_for(self.p2p.shutdown(), 3)
 
 
-class _ProgressLog:
-    """A download progress line every couple of seconds: bytes, rate, time left."""
-
-    EVERY_S = 2.0
-
-    def __init__(self, outer_step: int, holders: list[str]):
-        self.label = f"downloading outer step {outer_step} from {len(holders)} peers"
-        self.t0 = self.last = time.monotonic()
-
-    def __call__(self, done_bytes: int, total_bytes: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.EVERY_S or done_bytes >= total_bytes:
-            return
-        self.last = now
-        rate = done_bytes / max(now - self.t0, 1e-6)
-        log.info("%s: %s of %s, %s/s, %.0f s left", self.label, human_bytes(done_bytes), human_bytes(total_bytes),
-                 human_bytes(rate), (total_bytes - done_bytes) / max(rate, 1.0))
+def _describe_download(done: int, total: int, rate: float) -> str:
+    return f"{human_bytes(done)} of {human_bytes(total)}, {human_bytes(rate)}/s, {(total - done) / max(rate, 1.0):.0f} s left"

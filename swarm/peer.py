@@ -34,13 +34,15 @@ from swarm.manifest import DownloadError
 from swarm.metrics import Metrics, human_bytes
 from swarm.model import build_model
 from swarm.node import Node
+from swarm.progress import Progress, log_handler
 from swarm.status import leaderboard
 from swarm.wire import WireError
 
 log = logging.getLogger("swarm")
 
 CONFIG_LOOKUP_S = 20.0  # how long a joiner keeps asking the DHT for the run config
-PROGRESS_EVERY = 10  # inner steps between progress lines and `inner` events
+INNER_EVENT_EVERY = 10  # inner steps between `inner` metrics events
+PROGRESS_EVERY_S = 10.0  # seconds between inner-step log lines when no terminal shows a bar
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,11 +195,15 @@ class Peer:
                 k_train = diloco.outer_step + 1 + (pending is not None)
                 node.set_status(round=diloco.outer_step + 1, training=k_train, state="training",
                                 samples=self.samples_total, compute_s=round(self.compute_total, 1))
+                bar = Progress(f"{self.name} step {k_train}", cfg.train.inner_steps, self._describe_inner,
+                               unit="step", every_s=PROGRESS_EVERY_S)
                 for i in range(cfg.train.inner_steps):
                     losses.append(self._inner_step(k_train, i))
+                    bar.update(i + 1, loss=f"{losses[-1]:.3f}", tok_s=round(self._tokens_per_s))
                     if pending is not None and pending.future.done():
                         round_samples += self._settle(pending)
                         pending = None
+                bar.close()
                 round_samples += cfg.train.inner_steps * cfg.train.batch_size
                 self.samples_total += cfg.train.inner_steps * cfg.train.batch_size
                 node.set_status(state="averaging", samples=self.samples_total, compute_s=round(self.compute_total, 1))
@@ -228,12 +234,14 @@ class Peer:
         self.compute_total += elapsed
         self._tokens_per_s = 0.9 * getattr(self, "_tokens_per_s", x.numel() / elapsed) + 0.1 * x.numel() / elapsed
         self.node.status["tokens_per_s"] = round(self._tokens_per_s)
-        if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == self.cfg.train.inner_steps:
+        self._last_loss = loss
+        if (i + 1) % INNER_EVENT_EVERY == 0 or i + 1 == self.cfg.train.inner_steps:
             self.metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(loss, 4),
                               tokens_per_s=round(self._tokens_per_s))
-            log.info("%s step %d inner %d/%d loss %.3f %.0f tok/s", self.name, k, i + 1, self.cfg.train.inner_steps,
-                     loss, self._tokens_per_s)
         return loss
+
+    def _describe_inner(self, done: int, total: int, _rate: float) -> str:
+        return f"inner {done}/{total}, loss {self._last_loss:.3f}, {self._tokens_per_s:.0f} tok/s"
 
     def _settle(self, pending: "_Pending") -> int:
         """Wait for a round's average and apply it. Returns the samples still to be averaged: the round's own
@@ -368,7 +376,9 @@ def print_join_command(node: Node, run_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    handler = log_handler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("hivemind", "asyncio", "multiaddr"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.CRITICAL)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import signal
+import struct
+import subprocess
+import sys
+import termios
 import time
 
 import psutil
 import pytest
 from hivemind.proto import crypto_pb2
 
-from conftest import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
+from conftest import LOOPBACK, ROOT, join_address, peer_env, run_cli, start_cli, stop, wait_for
 
 UNUSED_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRmh5jauYrrVxUahHrvVbNN54TZW4ppaNabhpPSCYwsQL"
 
@@ -49,6 +56,41 @@ def test_an_unusable_identity_file_exits_2(tmp_path):
         result = run_cli("swarm.peer", "--config", "peers/tiny.toml", "--identity", str(path), *LOOPBACK)
         assert_one_line_error(result, 2, fragment)
         assert path.read_bytes()  # never overwritten: it may be someone's only key
+
+
+def run_on_terminal(argv: list[str], timeout_s: float) -> str:
+    """Run a command with stdout and stderr on a 120-column pseudo-terminal; what it drew, once it exits."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=peer_env(), cwd=ROOT)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        assert proc.wait(timeout=30) == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_inner_steps_show_a_bar_on_a_terminal_and_stay_quiet_in_a_log():
+    argv = ["--config", "peers/tiny.toml", "--max-outer-steps", "1", *LOOPBACK]
+    drawn = run_on_terminal([sys.executable, "-m", "swarm.peer", *argv], 120)
+    frames = [f for f in drawn.split("\r") if "step 1:" in f and "step/s" in f]
+    assert frames and "/20 [" in frames[-1] and "loss=" in frames[-1], drawn[-3000:]
+    logged = run_cli("swarm.peer", *argv, timeout=120)  # a pipe: log lines only, no bar
+    assert logged.returncode == 0 and "\r" not in logged.stdout + logged.stderr
+    assert "outer step 1: group 1" in logged.stdout and "step/s" not in logged.stdout + logged.stderr
 
 
 def test_unreachable_initial_peer_exits_3_quickly():
