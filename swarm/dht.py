@@ -34,6 +34,9 @@ RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a jo
 RECORD_MAX_BYTES = 4096
 CONFIG_TTL_S = 7 * 24 * 3600.0
 DHT_TIMEOUT_S = 20.0  # a DHT request that takes longer failed (its process or daemon is gone)
+# A signed record is about 1 KB (RSA key and signature included), and a DHT read returns all the records of
+# a key at once: spread them over buckets so that one read stays far below 64 KiB with hundreds of peers.
+SIGNED_BUCKETS = 8
 
 
 class WriteOnceValidator(RecordValidatorBase):
@@ -76,6 +79,11 @@ def peers_key(run_id: str) -> str:
 
 def manifest_key(run_id: str) -> str:
     return f"{run_id}/manifest"
+
+
+def signed_key(key: str, peer_id: str) -> str:
+    """The bucket of ``key`` that holds ``peer_id``'s signed record."""
+    return f"{key}/{int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], 'little') % SIGNED_BUCKETS}"
 
 
 def parse_maddrs(values: list[str], flag: str, need_peer_id: bool = False) -> list[Multiaddr]:
@@ -175,17 +183,21 @@ class SwarmDHT:
     # --- liveness and readiness ------------------------------------------------------------------
 
     async def store_signed(self, key: str, value: dict, ttl_s: float) -> bool:
-        """Our record under ``key``, in the subkey only our identity can write, naming us as its ``peer``."""
-        return await self.store(key, self.identity.owner_subkey, {**value, "peer": self.identity.peer_id}, ttl_s)
+        """Our record under ``key`` (in our bucket of it), in the subkey only our identity can write, naming us
+        as its ``peer``."""
+        peer = self.identity.peer_id
+        return await self.store(signed_key(key, peer), self.identity.owner_subkey, {**value, "peer": peer}, ttl_s)
 
     async def get_signed(self, key: str) -> dict[str, dict]:
         """peer id -> record, for the records under ``key`` that their named peer signed itself; a record
         signed by one identity that names another peer is dropped (the DHT already checked the signature)."""
         out = {}
-        for subkey, value in (await self.get_subkeys(key)).items():
-            peer = peer_id_of_owner(subkey)
-            if peer is not None and isinstance(value, dict) and value.get("peer") == peer:
-                out[peer] = value
+        buckets = await asyncio.gather(*(self.get_subkeys(f"{key}/{b}") for b in range(SIGNED_BUCKETS)))
+        for records in buckets:
+            for subkey, value in records.items():
+                peer = peer_id_of_owner(subkey)
+                if peer is not None and isinstance(value, dict) and value.get("peer") == peer:
+                    out[peer] = value
         return out
 
     async def heartbeat(self, info: dict, ttl_s: float) -> None:

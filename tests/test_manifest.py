@@ -11,7 +11,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.config import SwarmConfig
-from swarm.dht import manifest_key
+from swarm.dht import manifest_key, signed_key
 from swarm.manifest import CHUNKS, ChunkServer, DownloadError, download, pack_state
 from swarm.node import Node
 
@@ -98,11 +98,12 @@ def test_a_manifest_subkey_of_another_identity_is_refused(swarm_of_four):
     alice.publish(manifest, payload)
     forged = {"peer": mallory.peer_id, "outer_step": 99, "manifest": "f" * 64, "model_sha256": "0" * 64, "size": 1}
     # mallory writes under alice's key: her DHT node cannot sign it, and every node's validator refuses it
-    stored = mallory.dht.store(manifest_key("manifest-test"), msgpack.packb(forged), get_dht_time() + 30,
+    key = signed_key(manifest_key("manifest-test"), alice.peer_id)  # where readers look for alice's record
+    stored = mallory.dht.store(key, msgpack.packb(forged), get_dht_time() + 30,
                                subkey=alice.identity.owner_subkey)
     assert stored is False
     # mallory signs a record with her own key that names alice as its holder: readers drop it
-    assert mallory.call(mallory.sdht.store(manifest_key("manifest-test"), mallory.identity.owner_subkey,
+    assert mallory.call(mallory.sdht.store(key, mallory.identity.owner_subkey,
                                            {**forged, "peer": alice.peer_id}, 30))
     records = reader.call(reader.sdht.manifests())
     assert records == {alice.peer_id: {**alice.manifest_record, "peer": alice.peer_id}}

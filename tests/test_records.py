@@ -10,7 +10,7 @@ import time
 import torch
 
 from swarm.config import RunConfig, SwarmConfig
-from swarm.dht import RUNS_KEY, SwarmDHT, peers_key
+from swarm.dht import RUNS_KEY, SwarmDHT, peers_key, signed_key
 from swarm.manifest import choose_manifest
 
 import conftest
@@ -56,7 +56,7 @@ def test_a_liveness_record_counts_only_for_the_peer_that_signed_it():
     alice, mallory, reader = start_nodes(3)
     try:
         alice.set_status(name="alice", round=3, training=3, state="training", samples=128, compute_s=2.0)
-        key = peers_key("manifest-test")
+        key = signed_key(peers_key("manifest-test"), alice.peer_id)  # where readers look for alice's record
         forged = {"peer": alice.peer_id, "name": "alice", "round": 3, "state": "training", "samples": 10**9}
         # under alice's subkey: mallory's node cannot sign it and every node refuses it
         assert not mallory.call(mallory.sdht.store(key, alice.identity.owner_subkey, forged, 30))
@@ -78,13 +78,13 @@ def test_a_liveness_record_counts_only_for_the_peer_that_signed_it():
 def test_an_expired_liveness_record_is_ignored():
     writer, short, reader = start_nodes(3)
     try:
-        key, record = peers_key("manifest-test"), {"round": 1, "state": "training"}
+        key, record = signed_key(peers_key("manifest-test"), writer.peer_id), {"round": 1, "state": "training"}
         stale = writer.sdht.store(key, writer.identity.owner_subkey, {**record, "peer": writer.peer_id}, -5)
         assert not writer.call(stale)  # already expired: no node keeps it
         writer.close()  # stops its heartbeat; its farewell ("left") record hides it at once
         assert writer.peer_id not in reader.live_peers()
         short._heartbeat_task.cancel()
-        short.call(short.sdht.store_signed(key, {**record, "name": "short"}, ttl_s=2.0))
+        short.call(short.sdht.store_signed(peers_key("manifest-test"), {**record, "name": "short"}, ttl_s=2.0))
         assert reader.live_peers()[short.peer_id]["name"] == "short"
         wait_for(lambda: short.peer_id not in reader.live_peers(), 15, "the record to expire")
     finally:
