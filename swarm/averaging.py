@@ -3,17 +3,24 @@
 Reduce-scatter then all-gather: member i of the group (swarm.matchmaking) owns the i-th
 slice of the flat vector, receives everyone's encoded slice, computes the sample-weighted
 mean, encodes it once and sends those very bytes back to every member; the owner decodes
-the same bytes. Every member therefore applies byte-identical averages, and each result
-carries its sha256 so a torn transfer is caught. hivemind's all-reduce instead reports
-success when a part was lost and lets each owner keep values different from everyone
-else's (shared/HIVEMIND.md).
+the same bytes. Every member therefore applies byte-identical averages, and each part's
+result carries its sha256 so a torn transfer is caught. hivemind's all-reduce instead
+reports success when a part was lost and lets each owner keep values different from
+everyone else's (shared/HIVEMIND.md).
+
+Slices travel in chunks of ``swarm.chunk_values`` on one stream per (member, owner): the
+owner reduces chunk c and sends it back as soon as every member's chunk c is in, while later
+chunks are still arriving. The uplink does not sit idle between the two phases, so on a
+long-RTT link a round costs close to the bandwidth bound plus a few RTTs, instead of each
+phase's tail and a second TCP slow start on the return direction.
 
 Against hostile or broken peers, the owner refuses a contribution it cannot decode or
 that holds non-finite values, and clips a contribution whose norm exceeds
-``CLIP_FACTOR`` times the (lower) median norm of the slice's contributions; both are
+``CLIP_FACTOR`` times the (lower) median norm of the chunk's contributions; both are
 reported with the offender's id. A member refuses a result whose norm is implausibly
-large next to its own contribution (an owner lying about its part) and blames the owner. A failed attempt (a member died or stalled) raises
-nothing to the caller at once: the survivors retry the round without the peers they blame.
+large next to its own contribution (an owner lying about its part) and blames the owner.
+A failed attempt (a member died or stalled) raises nothing to the caller at once: the
+survivors retry the round without the peers they blame.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ MAX_ATTEMPTS = 3  # of one round, before the peer gives up and keeps training lo
 CLIP_FACTOR = 4.0  # a contribution may be this many times the median norm of its slice
 HEADER_BYTES = 100  # framing and header per transfer, for the byte counts
 
-__all__ = ["AverageResult", "Averager", "AveragingError", "StaleRound", "part_bounds", "robust_mean"]
+__all__ = ["AverageResult", "Averager", "AveragingError", "StaleRound", "chunk_bounds", "part_bounds", "robust_mean"]
 
 
 @dataclass
@@ -112,23 +119,35 @@ class Codec:
         return x
 
 
+def chunk_bounds(lo: int, hi: int, chunk_values: int) -> list[tuple[int, int]]:
+    """The pipeline chunks of the slice [lo, hi): at least one, even for an empty slice."""
+    return [(a, min(a + chunk_values, hi)) for a in range(lo, hi, chunk_values)] or [(lo, hi)]
+
+
 @dataclass
 class _Part:
-    """The owner's side of one attempt: the slice it reduces and what has arrived for it."""
+    """The owner's side of one attempt: its slice, chunk by chunk, and what has arrived for each chunk."""
 
     group: Group
-    lo: int
-    hi: int
-    contributions: dict[str, tuple[float, torch.Tensor]]
+    chunks: list[tuple[int, int]]
+    arrived: list[dict[str, tuple[float, torch.Tensor]]]  # per chunk: peer -> (weight, values), ours included
+    results: list[asyncio.Future]  # per chunk: the encoded mean, the same bytes for every member
     refused: dict[str, str] = dc_field(default_factory=dict)
     clipped: dict[str, float] = dc_field(default_factory=dict)
-    result: asyncio.Future = dc_field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    streams: set[str] = dc_field(default_factory=set)  # members whose contribution stream has begun
+    digest: asyncio.Future = dc_field(default_factory=lambda: asyncio.get_running_loop().create_future())
     bytes_recv: int = 0
+    bytes_sent: int = 0
     handled: int = 0  # member streams served to the end (result sent, or the member went away)
     all_handled: asyncio.Event = dc_field(default_factory=asyncio.Event)
 
-    def complete(self) -> bool:
-        return len(self.contributions) + len(self.refused) == len(self.group.members)
+    def chunk_complete(self, c: int) -> bool:
+        return len(self.arrived[c]) + len(self.refused) == len(self.group.members)
+
+    def missing(self) -> set[str]:
+        """Members that owe us a chunk not yet received."""
+        return {p for c, got in enumerate(self.arrived) if not self.results[c].done()
+                for p in self.group.members if p not in got and p not in self.refused}
 
 
 class Averager:
@@ -180,53 +199,42 @@ class Averager:
             return result
 
     async def _all_reduce(self, group: Group, delta: torch.Tensor) -> AverageResult:
+        """Reduce-scatter and all-gather, pipelined: each slice travels in chunks, and an owner reduces and
+        returns chunk c as soon as every member's chunk c is in, while later chunks are still on the wire."""
         if len(group.members) == 1:
             return AverageResult(delta.clone(), group, 0, 0, 0.0, 0.0, hashlib.sha256(b"solo").hexdigest())
         me = group.members.index(self.peer_id)
         bounds = part_bounds(delta.numel(), len(group.members), self.codec.block_size)
-        lo, hi = bounds[me]
-        part = _Part(group, lo, hi, {self.peer_id: (group.weights[me], delta[lo:hi])})
+        chunks = chunk_bounds(*bounds[me], self.cfg.chunk_values)
+        loop = asyncio.get_running_loop()
+        part = _Part(group, chunks, [{self.peer_id: (group.weights[me], delta[a:b])} for a, b in chunks],
+                     [loop.create_future() for _ in chunks])
         self._parts[group.group_id] = part
+        for c in range(len(chunks)):  # a group where everyone else's stream fails still finishes ours
+            self._reduce_if_complete(part, c)
         average = torch.empty_like(delta)
         timeout = self.cfg.allreduce_timeout_s
-        loop = asyncio.get_running_loop()
 
         async def exchange(j: int) -> tuple[int, int, str]:
-            a, b = bounds[j]
             owner = group.members[j]
             try:
-                payload = await loop.run_in_executor(None, self.codec.encode, delta[a:b])
                 _, reader, writer = await open_stream(self.p2p, owner, REDUCE, timeout, self.sdht.addresses)
                 try:
-                    sent = await write_msg(writer, {"group_id": group.group_id, "peer": self.peer_id, "part": j})
-                    sent += await write_blob(writer, payload)
-                    reply = await read_msg(reader, timeout)
-                    if "error" in reply:
-                        raise WireError(str(reply["error"])[:200])
-                    result = await read_blob(reader, self.codec.size(b - a), timeout)
+                    sent, (received, digest) = await _both(self._send_chunks(writer, group, j, delta, bounds[j]),
+                                                           self._receive_result(reader, delta, average, bounds[j]))
+                    return sent, received, digest
                 finally:
                     writer.close()
-                digest = hashlib.sha256(result).hexdigest()
-                if digest != field(reply, "sha256", str):
-                    raise WireError("result failed its sha256 check")
-                values = await loop.run_in_executor(None, self.codec.decode, result, b - a)
-                # a mean of clipped contributions stays near ours: an owner returning more lies about its part
-                own_norm = float(delta[a:b].norm())
-                if own_norm > 0 and float(values.norm()) > 2 * CLIP_FACTOR * own_norm:
-                    raise WireError(f"result norm {float(values.norm()):.3g} is implausible next to ours "
-                                    f"({own_norm:.3g})")
-                average[a:b] = values
             except Exception as e:
                 raise AveragingError(f"part {j} (owner {owner[-6:]}): {e}", blame={owner}) from None
-            return sent, len(result) + HEADER_BYTES, digest
 
         tasks = [asyncio.create_task(exchange(j)) for j in range(len(group.members)) if j != me]
         try:
             done = await asyncio.gather(*tasks)
             try:
-                own_bytes, own_digest = await asyncio.wait_for(asyncio.shield(part.result), timeout)
+                own_digest = await asyncio.wait_for(asyncio.shield(part.digest), timeout)
             except asyncio.TimeoutError:
-                missing = set(group.members) - set(part.contributions) - set(part.refused)
+                missing = part.missing()
                 raise AveragingError(f"no contribution from {', '.join(p[-6:] for p in missing)}", blame=missing)
             # stay until every member has our part: a peer that leaves right after its last round
             # must not take a part of that round away from the others
@@ -241,24 +249,74 @@ class Averager:
             raise
         finally:
             self._parts.pop(group.group_id, None)
-        average[lo:hi] = self.codec.decode(own_bytes, hi - lo)
+        for (a, b), result in zip(chunks, part.results):
+            average[a:b] = self.codec.decode(result.result(), b - a)
         digests = [d for _, _, d in done]
         digests.insert(me, own_digest)
-        # we sent our slices to their owners, then our averaged slice back to every other member
-        sent = sum(s for s, _, _ in done) + (len(group.members) - 1) * (len(own_bytes) + HEADER_BYTES)
+        sent = sum(s for s, _, _ in done) + part.bytes_sent
         recv = sum(r for _, r, _ in done) + part.bytes_recv
         return AverageResult(average, group, sent, recv, 0.0, 0.0,
                              hashlib.sha256("".join(digests).encode()).hexdigest(),
                              refused=part.refused, clipped=part.clipped)
 
-    def _finish(self, part: _Part) -> None:
-        """Every contribution to our part is in or refused: encode the robust mean once; all apply these bytes."""
-        mean, part.clipped = robust_mean(part.contributions)
-        for peer, scale in part.clipped.items():
-            log.warning("clipped the contribution of %s to part %d by %.2g (norm far above the others')",
-                        peer, part.group.members.index(self.peer_id), scale)
-        data = self.codec.encode(mean)
-        part.result.set_result((data, hashlib.sha256(data).hexdigest()))
+    async def _send_chunks(self, writer: asyncio.StreamWriter, group: Group, j: int, delta: torch.Tensor,
+                           bounds: tuple[int, int]) -> int:
+        """Our contribution to part j, chunk after chunk, each encoded while the previous one is on the wire."""
+        loop = asyncio.get_running_loop()
+        sent = await write_msg(writer, {"group_id": group.group_id, "peer": self.peer_id, "part": j})
+        for a, b in chunk_bounds(*bounds, self.cfg.chunk_values):
+            sent += await write_blob(writer, await loop.run_in_executor(None, self.codec.encode, delta[a:b]))
+        return sent
+
+    async def _receive_result(self, reader: asyncio.StreamReader, delta: torch.Tensor, average: torch.Tensor,
+                              bounds: tuple[int, int]) -> tuple[int, str]:
+        """The owner's averaged chunks of its part, into ``average``; (bytes received, sha256 of the part)."""
+        loop, timeout = asyncio.get_running_loop(), self.cfg.allreduce_timeout_s
+        digest, received = hashlib.sha256(), 0
+        for c, (a, b) in enumerate(chunk_bounds(*bounds, self.cfg.chunk_values)):
+            header = await read_msg(reader, timeout)
+            if "error" in header:
+                raise WireError(str(header["error"])[:200])
+            if field(header, "chunk", int) != c:
+                raise WireError(f"chunk {header['chunk']} arrived where chunk {c} was due")
+            blob = await read_blob(reader, self.codec.size(b - a), timeout)
+            digest.update(blob)
+            received += len(blob) + HEADER_BYTES
+            values = await loop.run_in_executor(None, self.codec.decode, blob, b - a)
+            # a mean of clipped contributions stays near ours: an owner returning more lies about its part
+            own_norm = float(delta[a:b].norm())
+            if own_norm > 0 and float(values.norm()) > 2 * CLIP_FACTOR * own_norm:
+                raise WireError(f"result norm {float(values.norm()):.3g} is implausible next to ours "
+                                f"({own_norm:.3g})")
+            average[a:b] = values
+        trailer = await read_msg(reader, timeout)
+        if "error" in trailer:
+            raise WireError(str(trailer["error"])[:200])
+        if field(trailer, "sha256", str) != digest.hexdigest():
+            raise WireError("result failed its sha256 check")
+        return received, digest.hexdigest()
+
+    def _reduce_if_complete(self, part: _Part, c: int) -> None:
+        """Every contribution to chunk c of our part is in or refused: encode its robust mean once; all members
+        apply these bytes. The last chunk done fixes the part's sha256."""
+        if not part.chunk_complete(c) or part.results[c].done():
+            return
+        mean, clipped = robust_mean(part.arrived[c])
+        part.arrived[c] = {}  # the contributions are spent: free them while later chunks arrive
+        for peer, scale in clipped.items():
+            if peer not in part.clipped:
+                log.warning("clipped the contribution of %s to part %d by %.2g (norm far above the others')",
+                            peer, part.group.members.index(self.peer_id), scale)
+            part.clipped[peer] = min(scale, part.clipped.get(peer, 1.0))
+        part.results[c].set_result(self.codec.encode(mean))
+        if all(r.done() for r in part.results):
+            part.digest.set_result(hashlib.sha256(b"".join(r.result() for r in part.results)).hexdigest())
+
+    def _refuse(self, part: _Part, peer: str, why: Exception) -> None:
+        part.refused[peer] = str(why)[:200]
+        log.warning("refused the contribution of %s to round %d: %s", peer, part.group.outer_step, why)
+        for c in range(len(part.chunks)):
+            self._reduce_if_complete(part, c)
 
     async def _serve_reduce(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.cfg.allreduce_timeout_s
@@ -269,23 +327,11 @@ class Averager:
             part = await self._part_of(group_id, timeout)
             group = part.group
             if field(request, "part", int) != group.members.index(self.peer_id) or peer not in group.members \
-                    or peer in part.contributions or peer in part.refused:
+                    or peer == self.peer_id or peer in part.streams:
                 part = None  # not one of the member streams we wait for
                 raise WireError(f"unexpected contribution from {peer[-6:]}")
-            try:
-                data = await read_blob(reader, self.codec.size(part.hi - part.lo), timeout)
-                part.bytes_recv += len(data) + HEADER_BYTES
-                values = await asyncio.get_running_loop().run_in_executor(None, self.codec.decode, data,
-                                                                          part.hi - part.lo)
-                part.contributions[peer] = (group.weights[group.members.index(peer)], values)
-            except (WireError, compression.CodecError) as e:
-                part.refused[peer] = str(e)[:200]
-                log.warning("refused the contribution of %s to round %d: %s", peer, group.outer_step, e)
-            if part.complete() and not part.result.done():
-                self._finish(part)
-            result, digest = await asyncio.wait_for(asyncio.shield(part.result), timeout)
-            await write_msg(writer, {"sha256": digest})
-            await write_blob(writer, result)
+            part.streams.add(peer)
+            await _both(self._take_contribution(reader, part, peer), self._return_result(writer, part))
         except Exception as e:
             try:
                 await write_msg(writer, {"error": str(e)[:200] or type(e).__name__})
@@ -298,6 +344,30 @@ class Averager:
                 if part.handled == len(part.group.members) - 1:
                     part.all_handled.set()
 
+    async def _take_contribution(self, reader: asyncio.StreamReader, part: _Part, peer: str) -> None:
+        """A member's chunks of our part; one that cannot be read or decoded refuses the member for the round."""
+        loop, timeout = asyncio.get_running_loop(), self.cfg.allreduce_timeout_s
+        weight = part.group.weights[part.group.members.index(peer)]
+        for c, (a, b) in enumerate(part.chunks):
+            try:
+                data = await read_blob(reader, self.codec.size(b - a), timeout)
+                part.bytes_recv += len(data) + HEADER_BYTES
+                values = await loop.run_in_executor(None, self.codec.decode, data, b - a)
+            except (WireError, compression.CodecError) as e:
+                self._refuse(part, peer, e)
+                return
+            part.arrived[c][peer] = (weight, values)
+            self._reduce_if_complete(part, c)
+
+    async def _return_result(self, writer: asyncio.StreamWriter, part: _Part) -> None:
+        """Each averaged chunk as soon as it exists, then the part's sha256."""
+        timeout = self.cfg.allreduce_timeout_s
+        for c, result in enumerate(part.results):
+            data = await asyncio.wait_for(asyncio.shield(result), timeout)
+            part.bytes_sent += await write_msg(writer, {"chunk": c})
+            part.bytes_sent += await write_blob(writer, data)
+        part.bytes_sent += await write_msg(writer, {"sha256": await asyncio.shield(part.digest)})
+
     async def _part_of(self, group_id: str, timeout_s: float) -> _Part:
         """Our part of a group; a contribution may arrive just before our own join reply does."""
         deadline = time.monotonic() + min(timeout_s, self.cfg.join_timeout_s)
@@ -306,3 +376,14 @@ class Averager:
                 raise WireError(f"unknown group {group_id[:12]}")
             await asyncio.sleep(0.02)
         return self._parts[group_id]
+
+
+async def _both(first, second):
+    """Run two coroutines at once (a stream's sending and receiving halves); if either fails, stop the other."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        done = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return done

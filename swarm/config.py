@@ -19,7 +19,7 @@ import msgpack
 
 # Bump when the all-reduce, join or state-transfer wire format changes: peers of
 # different protocol versions refuse each other's run instead of corrupting it.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _TOP_LEVEL = ("run_id", "profile", "protocol", "tokenizer_sha256")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,6 +79,7 @@ class SwarmConfig:
 
     codec: str = "int8"  # pseudo-gradients on the wire: "int8" (blockwise absmax) or "fp32"
     block_size: int = 1024  # int8 codec elements per scale
+    chunk_values: int = 1 << 20  # all-reduce pipeline unit: each chunk of a part is reduced and sent back on its own
     gather_timeout_s: float = 30.0  # how long a ready peer waits for expected peers to be ready too
     join_timeout_s: float = 15.0  # how long a follower waits for its leader's group
     allreduce_timeout_s: float = 60.0  # bound on one all-reduce, per stream read
@@ -89,6 +90,8 @@ class SwarmConfig:
     def __post_init__(self):
         _check(self.codec in ("int8", "fp32"), f"swarm.codec must be 'int8' or 'fp32', not {self.codec!r}")
         _check(self.block_size > 0, "swarm.block_size must be positive")
+        _check(self.chunk_values > 0 and self.chunk_values % self.block_size == 0,
+               "swarm.chunk_values must be a positive multiple of swarm.block_size")
         _check(self.checkpoint_every > 0 and self.keep_checkpoints > 0,
                "swarm.checkpoint_every and swarm.keep_checkpoints must be positive")
         _check(min(self.gather_timeout_s, self.join_timeout_s, self.allreduce_timeout_s, self.heartbeat_s) > 0,

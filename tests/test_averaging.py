@@ -27,10 +27,11 @@ def close(nodes: list[Node]) -> None:
         node.close()
 
 
-@pytest.mark.parametrize("codec", ["int8", "fp32"])
-def test_three_peers_get_the_weighted_mean_as_identical_bytes(codec):
-    cfg = SwarmConfig(codec=codec, block_size=256, gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20,
-                      heartbeat_s=0.5)
+@pytest.mark.parametrize("codec, chunk_values", [("int8", 1 << 20), ("fp32", 1 << 20), ("int8", 1024)])
+def test_three_peers_get_the_weighted_mean_as_identical_bytes(codec, chunk_values):
+    """One chunk per part, and four (the pipelined path: each chunk reduced and returned on its own)."""
+    cfg = SwarmConfig(codec=codec, block_size=256, chunk_values=chunk_values, gather_timeout_s=20, join_timeout_s=10,
+                      allreduce_timeout_s=20, heartbeat_s=0.5)
     nodes = start_nodes(3, cfg)
     try:
         gen = torch.Generator().manual_seed(0)
@@ -98,8 +99,9 @@ class NaNScaleCodec(Codec):
 
 
 def robust_cfg() -> SwarmConfig:
-    return SwarmConfig(codec="int8", block_size=256, gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20,
-                       heartbeat_s=0.5)
+    """Parts of four chunks: a bad contribution is caught mid-stream, clipping is decided chunk by chunk."""
+    return SwarmConfig(codec="int8", block_size=256, chunk_values=1024, gather_timeout_s=20, join_timeout_s=10,
+                       allreduce_timeout_s=20, heartbeat_s=0.5)
 
 
 def test_non_finite_contributions_are_refused_and_the_offender_named(caplog):
