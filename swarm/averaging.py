@@ -318,12 +318,14 @@ class Averager:
         for c in range(len(part.chunks)):
             self._reduce_if_complete(part, c)
 
-    async def _serve_reduce(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_reduce(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         timeout = self.cfg.allreduce_timeout_s
         part = None
         try:
             request = await read_msg(reader, timeout)
             group_id, peer = field(request, "group_id", str), field(request, "peer", str)
+            if peer != info.peer_id.to_base58():  # libp2p authenticated the stream's end: no one speaks for another
+                raise WireError("the stream's peer id differs from the contribution's")
             part = await self._part_of(group_id, timeout)
             group = part.group
             if field(request, "part", int) != group.members.index(self.peer_id) or peer not in group.members \

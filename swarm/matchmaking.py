@@ -209,9 +209,11 @@ class Matchmaker:
         g.group.set_result(group)
         return group
 
-    async def _serve_join(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_join(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await read_msg(reader, self.cfg.join_timeout_s)
+            if request.get("peer") != info.peer_id.to_base58():  # libp2p authenticated the stream's end
+                raise WireError("the stream's peer id differs from the join request's")
             reply = await self._answer_join(request)
         except (WireError, asyncio.TimeoutError, ValueError) as e:
             reply = {"error": str(e)[:200] or type(e).__name__}

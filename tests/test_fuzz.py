@@ -20,6 +20,7 @@ from hivemind.p2p import PeerID
 from swarm.averaging import REDUCE
 from swarm.manifest import CHUNKS, download, pack_state
 from swarm.matchmaking import JOIN
+from swarm.wire import read_msg, write_msg
 
 from test_manifest import the_state, start_nodes
 
@@ -118,3 +119,24 @@ def test_handlers_survive_thousands_of_malformed_requests():
         for node in (target, attacker, witness):
             node.close()
 
+
+
+def test_a_peer_cannot_join_or_contribute_in_another_peers_name():
+    target, mallory, victim = start_nodes(3)
+    try:
+        async def ask(handler: str, request: dict) -> dict:
+            _, reader, writer = await mallory.p2p.call_binary_stream_handler(PeerID.from_base58(target.peer_id),
+                                                                              handler)
+            try:
+                await write_msg(writer, request)
+                return await read_msg(reader, 10)
+            finally:
+                writer.close()
+
+        joined = mallory.call(ask(JOIN, {"step": 1, "peer": victim.peer_id, "w": 1.0, "base": "b" * 64}))
+        reduced = mallory.call(ask(REDUCE, {"group_id": "g", "peer": victim.peer_id, "part": 0}))
+        assert "differs from the join request's" in joined["error"]
+        assert "differs from the contribution's" in reduced["error"]
+    finally:
+        for node in (target, mallory, victim):
+            node.close()
