@@ -363,12 +363,15 @@ class Averager:
 
     async def _return_result(self, writer: asyncio.StreamWriter, part: _Part) -> None:
         """Each averaged chunk as soon as it exists, then the part's sha256."""
-        timeout = self.cfg.allreduce_timeout_s
-        for c, result in enumerate(part.results):
-            data = await asyncio.wait_for(asyncio.shield(result), timeout)
-            part.bytes_sent += await write_msg(writer, {"chunk": c})
-            part.bytes_sent += await write_blob(writer, data)
-        part.bytes_sent += await write_msg(writer, {"sha256": await asyncio.shield(part.digest)})
+        timeout, sent = self.cfg.allreduce_timeout_s, 0
+        try:
+            for c, result in enumerate(part.results):
+                data = await asyncio.wait_for(asyncio.shield(result), timeout)
+                sent += await write_msg(writer, {"chunk": c})
+                sent += await write_blob(writer, data)
+            sent += await write_msg(writer, {"sha256": await asyncio.shield(part.digest)})
+        finally:  # one total per stream: `part.bytes_sent += await ...` would lose the other streams' updates
+            part.bytes_sent += sent
 
     async def _part_of(self, group_id: str, timeout_s: float) -> _Part:
         """Our part of a group; a contribution may arrive just before our own join reply does."""

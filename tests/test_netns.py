@@ -54,7 +54,7 @@ def test_shaped_link_measures_within_ten_percent_of_its_rate():
 
 
 def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_path):
-    numel, weights = 100_000, [1.0, 2.0, 5.0]
+    numel, weights = 3_000_000, [1.0, 2.0, 5.0]  # 3 MB of int8: big enough that streams wait on the network
     with Topology(peers=3, rate_mbit=1000) as topo:
         (replies,) = run_system(topo, "swarm", 3, numel, "int8", 1, parse_args([]), str(tmp_path), "t3",
                                 weights=weights)
