@@ -335,6 +335,7 @@ class Averager:
             part.streams.add(peer)
             await _both(self._take_contribution(reader, part, peer), self._return_result(writer, part))
         except Exception as e:
+            log.info("all-reduce stream from %s ended: %s: %s", info.peer_id.to_base58()[-6:], type(e).__name__, e)
             try:
                 await write_msg(writer, {"error": str(e)[:200] or type(e).__name__})
             except Exception:
