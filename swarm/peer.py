@@ -395,16 +395,19 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    threading.excepthook = _thread_failed
+    threading.excepthook = lambda hook: _background_failed(getattr(hook.thread, "name", "?"), hook.exc_type,
+                                                           hook.exc_value)
+    # multiprocessing's helper threads (its fd sharer) report through sys.excepthook instead
+    sys.excepthook = lambda exc_type, exc_value, _tb: _background_failed("helper", exc_type, exc_value)
     return run_command(Peer(args).run, interrupted_code=0, interrupted_message="interrupted: left the swarm")
 
 
-def _thread_failed(hook_args) -> None:
+def _background_failed(where: str, exc_type: type, exc_value: BaseException) -> None:
     """One line instead of a traceback when a background thread dies; a helper process that went away first
-    (a process-group kill) is routine and only logged with -v."""
-    routine = issubclass(hook_args.exc_type, (ConnectionError, EOFError))
+    (a process-group kill, a shutdown) is routine and only logged with -v."""
+    routine = issubclass(exc_type, (ConnectionError, EOFError))
     log.log(logging.DEBUG if routine else logging.WARNING, "background thread %s stopped: %s: %s",
-            getattr(hook_args.thread, "name", "?"), hook_args.exc_type.__name__, hook_args.exc_value)
+            where, exc_type.__name__, exc_value)
 
 
 if __name__ == "__main__":
