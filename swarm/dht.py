@@ -228,9 +228,10 @@ class SwarmDHT:
 
     async def manifests(self) -> dict[str, dict]:
         """Holder's peer id -> manifest record {peer, outer_step, manifest, model_sha256, size}: well-formed
-        records signed by the holder they name."""
+        records signed by the holder they name, other than our own (what the swarm holds, not what we hold)."""
+        me = self.identity.peer_id if self.identity is not None else None
         return {peer: rec for peer, rec in (await self.get_signed(manifest_key(self.run_id))).items()
-                if isinstance(rec.get("outer_step"), int) and isinstance(rec.get("manifest"), str)
+                if peer != me and isinstance(rec.get("outer_step"), int) and isinstance(rec.get("manifest"), str)
                 and len(rec["manifest"]) == 64}
 
 

@@ -35,7 +35,7 @@ class Identity:
     path: str | None  # where p2pd reads it; None for a throw-away identity
     peer_id: str
 
-    @property
+    @functools.cached_property  # built once: every signed store (a heartbeat every few seconds) uses it
     def owner_subkey(self) -> bytes:
         """The DHT subkey only this identity can write (hivemind's RSASignatureValidator checks it)."""
         return RSASignatureValidator(self.key).local_public_key

@@ -317,7 +317,7 @@ async def _request(stream, manifest_sha256: str, op: str, timeout_s: float, max_
     return await read_blob(reader, size, timeout_s)
 
 
-def choose_manifest(records: dict[bytes, dict]) -> tuple[dict, list[str]] | None:
+def choose_manifest(records: dict[str, dict]) -> tuple[dict, list[str]] | None:
     """From ``<run>/manifest`` records, (record, holder peer ids) of the newest manifest that at least half as
     many peers hold as the most widely held one: a lone peer claiming a far-ahead step does not win."""
     groups: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)

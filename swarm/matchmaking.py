@@ -155,8 +155,7 @@ class Matchmaker:
         """Whether the swarm's models have moved past round k: the manifest most peers hold is of step k or later.
         A liveness record alone is a claim; without a model behind it a peer that says it is far ahead is
         ignored, or one liar would send every honest peer to resynchronise forever."""
-        records = {p: r for p, r in (await self.sdht.manifests()).items() if p != self.peer_id}
-        chosen = choose_manifest(records)
+        chosen = choose_manifest(await self.sdht.manifests())
         if chosen is not None and chosen[0]["outer_step"] >= k:
             return True
         if not g.ignored_claims:

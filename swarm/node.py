@@ -105,9 +105,9 @@ class Node:
         """Download and verify the newest state the swarm holds if it is newer than ``newer_than`` outer steps;
         chunks equal to those of ``local`` (manifest, payload) are reused instead of fetched."""
         for _ in range(4):  # holders publish a few ms apart after each step: let the newest one settle
-            records = {k: r for k, r in self.call(self.sdht.manifests()).items() if r["peer"] != self.peer_id}
+            records = self.call(self.sdht.manifests())
             chosen = choose_manifest(records)
-            if chosen is None or len(chosen[1]) == len({r["peer"] for r in records.values()}):
+            if chosen is None or len(chosen[1]) == len(records):
                 break
             time.sleep(0.5)
         if chosen is None or chosen[0]["outer_step"] <= newer_than:
@@ -122,7 +122,7 @@ class Node:
         try:
             return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
                                       local_payload=local_payload, local_manifest=local_manifest,
-                                      hints=self.sdht.addresses, progress=lambda done, total: progress.update(done, total)))
+                                      hints=self.sdht.addresses, progress=progress.update))
         finally:
             progress.close()
 

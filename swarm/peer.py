@@ -195,8 +195,8 @@ class Peer:
                 k_train = diloco.outer_step + 1 + (pending is not None)
                 node.set_status(round=diloco.outer_step + 1, training=k_train, state="training",
                                 samples=self.samples_total, compute_s=round(self.compute_total, 1))
-                bar = Progress(f"{self.name} step {k_train}", cfg.train.inner_steps, self._describe_inner,
-                               unit="step", every_s=PROGRESS_EVERY_S)
+                bar = Progress(f"{self.name} step {k_train}", cfg.train.inner_steps, unit="step",
+                               every_s=PROGRESS_EVERY_S)
                 for i in range(cfg.train.inner_steps):
                     losses.append(self._inner_step(k_train, i))
                     bar.update(i + 1, loss=f"{losses[-1]:.3f}", tok_s=round(self._tokens_per_s))
@@ -234,14 +234,10 @@ class Peer:
         self.compute_total += elapsed
         self._tokens_per_s = 0.9 * getattr(self, "_tokens_per_s", x.numel() / elapsed) + 0.1 * x.numel() / elapsed
         self.node.status["tokens_per_s"] = round(self._tokens_per_s)
-        self._last_loss = loss
         if (i + 1) % INNER_EVENT_EVERY == 0 or i + 1 == self.cfg.train.inner_steps:
             self.metrics.emit("inner", outer_step=k, inner_step=i + 1, loss=round(loss, 4),
                               tokens_per_s=round(self._tokens_per_s))
         return loss
-
-    def _describe_inner(self, done: int, total: int, _rate: float) -> str:
-        return f"inner {done}/{total}, loss {self._last_loss:.3f}, {self._tokens_per_s:.0f} tok/s"
 
     def _settle(self, pending: "_Pending") -> int:
         """Wait for a round's average and apply it. Returns the samples still to be averaged: the round's own

@@ -22,11 +22,12 @@ def on_terminal() -> bool:
 
 
 class Progress:
-    """``update(done)`` as work advances; ``describe(done, total, rate)`` makes the log line off a terminal,
-    at most one every ``every_s`` seconds (and none once the work is done: the caller says so itself)."""
+    """``update(done, **postfix)`` as work advances. Off a terminal a log line, at most one every ``every_s``
+    seconds (and none once the work is done: the caller says so itself), made by ``describe(done, total,
+    rate)``, or else "done/total" and the postfix."""
 
-    def __init__(self, label: str, total: int | None, describe: Callable[[int, int, float], str], unit: str = "it",
-                 unit_scale: bool = False, every_s: float = 2.0):
+    def __init__(self, label: str, total: int | None, describe: Callable[[int, int, float], str] | None = None,
+                 unit: str = "it", unit_scale: bool = False, every_s: float = 2.0):
         self.label, self.total, self.describe, self.every_s = label, total, describe, every_s
         self.t0 = self.last = time.monotonic()
         self._bar = tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale, leave=False, dynamic_ncols=True,
@@ -46,7 +47,11 @@ class Progress:
         if now - self.last < self.every_s or self.total is not None and done >= self.total:
             return
         self.last = now
-        log.info("%s: %s", self.label, self.describe(done, self.total, done / max(now - self.t0, 1e-6)))
+        if self.describe is not None:
+            line = self.describe(done, self.total, done / max(now - self.t0, 1e-6))
+        else:
+            line = ", ".join([f"{done}/{self.total}", *(f"{k} {v}" for k, v in postfix.items())])
+        log.info("%s: %s", self.label, line)
 
     def close(self) -> None:
         if self._bar is not None:
