@@ -75,6 +75,19 @@ def wire_bytes() -> tuple[int, int]:
         return link_bytes(f.read())
 
 
+def settled_wire_bytes(quiet_s: float = 0.05, max_s: float = 2.0) -> tuple[int, int]:
+    """wire_bytes() once the link has gone quiet: when an all-reduce returns, the last bytes our p2pd was
+    handed may still be on their way out."""
+    deadline, last = time.monotonic() + max_s, wire_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = wire_bytes()
+        if now == last:
+            break
+        last = now
+    return last
+
+
 class Trace:
     """Samples eth0's byte counters every ``period_s`` on a thread, to show where a link sat idle."""
 
@@ -157,7 +170,7 @@ class SwarmPeer(Peer):
         tx, rx, cpu, retrans = *wire_bytes(), cpu_seconds(), tcp_retransmits()
         with Trace(self.args.trace_ms / 1e3) as trace:
             result = self.node.average(k, self.delta, self.args.weight, base="x" * 64)
-        tx2, rx2 = wire_bytes()
+        tx2, rx2 = settled_wire_bytes()
         return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": result.allreduce_s, "matchmaking_s": result.matchmaking_s,
                 "group_size": len(result.group.members), "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx,
                 "app_sent_bytes": result.bytes_sent, "app_recv_bytes": result.bytes_recv,
@@ -193,7 +206,7 @@ class GlooPeer(Peer):
             t0 = time.monotonic()
             self.dist.all_reduce(self.tensor)
             seconds = time.monotonic() - t0
-        tx2, rx2 = wire_bytes()
+        tx2, rx2 = settled_wire_bytes()
         return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": seconds, "matchmaking_s": None, "group_size": self.args.peers,
                 "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx, **self.check(self.tensor)}
 
@@ -243,7 +256,7 @@ class HivemindPeer(Peer):
         else:
             error = None
         t2 = time.monotonic()
-        tx2, rx2 = wire_bytes()
+        tx2, rx2 = settled_wire_bytes()
         with self.averager.get_tensors() as tensors:
             checked = self.check(tensors[0])
         return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "allreduce_s": t2 - t1, "matchmaking_s": t1 - t0, "group_size": len(gathered or {}),
