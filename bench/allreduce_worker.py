@@ -151,25 +151,27 @@ class SwarmPeer(Peer):
                              parse_maddrs([f"/ip4/{self.args.addr}/tcp/0"], "host"), [], identity)
         self.node = Node(self.dht, identity)
         cfg = SwarmConfig(codec=self.args.codec, allreduce_timeout_s=self.args.timeout_s)
-        self.node.join_run(self.args.run_id, cfg)
+        self.node.join_run(self.args.run_id, cfg, reachable="yes")
         return {"maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
 
     def sync(self) -> dict:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while len(self.node.live_peers()) < self.args.peers:
+        while len(self.node.live_peers(fresh=True)) + 1 < self.args.peers:  # the others, and ourselves
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(self.node.live_peers())} of {self.args.peers} peers live")
+                raise TimeoutError(f"only {len(self.node.live_peers()) + 1} of {self.args.peers} peers live")
             time.sleep(0.2)
         return {"p2p_peers": len(self.node.call(self.node.p2p.list_peers()))}
 
     def prepare(self, k: int) -> dict:
-        self.node.set_status(round=k, state="training")
+        self.node.update_status(round=k, training=k, state="training")
+        self.node.training(k)
+        self.node.flush_status()
         return {}
 
     def run(self, k: int) -> dict:
         tx, rx, cpu, retrans = *wire_bytes(), cpu_seconds(), tcp_retransmits()
         with Trace(self.args.trace_ms / 1e3) as trace:
-            result = self.node.average(k, self.delta, self.args.weight, base="x" * 64)
+            result = self.node.average(k, self.delta.clone(), self.args.weight, base="x" * 64)
         tx2, rx2 = settled_wire_bytes()
         return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": result.allreduce_s, "matchmaking_s": result.matchmaking_s,
                 "group_size": len(result.group.members), "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx,

@@ -8,7 +8,7 @@ One network namespace per peer (bench/netns.py): max(--holders) holders and one 
 upload is shaped to B by tbf; the joiner's download is not shaped at all, so only the holders' uplinks
 bound a transfer. Every holder holds the same DiLoCo state of --size-mb MB (outer_step, theta_global
 and momentum, fp32, size_mb/8 million values each; bench/bootstrap_worker.py) and publishes it with
-``node.publish(*pack_state(run_id, state))``. For each N in --holders the joiner runs
+``node.hold(*pack_state(run_id, state))``. For each N in --holders the joiner runs
 ``swarm.manifest.download`` from the first N holders, timed from the call to the verified state.
 In the same topology and run, holder 0 also serves the same tensors from a stock hivemind
 ``DecentralizedAverager`` and the joiner times ``load_state_from_peers`` (it streams from one peer,
@@ -128,10 +128,10 @@ def run(topo: Topology, args, numel: int, holders: int, bandwidth_mbit: float, r
         if len(held) != 1 or {r["state_sha256"] for r in started[:holders]} != {expected}:
             raise BenchError("holders built different states")
         (seen,) = workers.ask({"cmd": "records", "holders": holders}, START_TIMEOUT_S, ranks=[joiner])
-        print(f"holders up: {holders} manifest records in the DHT, {started[0]['chunks']} chunks of "
+        print(f"holders up: {holders} holders announce the state, {started[0]['chunks']} chunks of "
               f"{started[0]['size'] // started[0]['chunks'] / 2**20:.2f} MiB, pack_state {started[0]['pack_s']:.2f} s")
         if seen["manifest"] not in held or len(seen["holders"]) != holders:
-            raise BenchError(f"the joiner sees {seen['records']} manifest records, not the {holders} published")
+            raise BenchError(f"the joiner sees {seen['records']} holders announce the state, not {holders}")
         print(HEADER)
         peer_ids = [r["peer_id"] for r in started[:holders]]
         hints = {r["peer_id"]: [known[i]] for i, r in enumerate(started[:holders])}

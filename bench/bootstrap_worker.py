@@ -9,7 +9,7 @@ the replies); it says {"loaded": true} once imported.
 
 A holder builds the deterministic DiLoCo state (``make_state``: outer_step, theta_global and momentum
 of ``--numel`` fp32 values each), and on {"cmd": "start", "initial_peers": [...]} starts its DHT, a
-swarm Node that publishes the state with ``node.publish(*pack_state(run_id, state))`` and, with
+swarm Node that publishes the state with ``node.hold(*pack_state(run_id, state))`` and, with
 ``--hivemind``, a stock ``DecentralizedAverager`` over the same two tensors with state sharing on
 (``get_current_state`` hands them out). Its reply names its peer id, multiaddrs, manifest and the
 sha256 of the payload (theta then momentum, little-endian fp32).
@@ -80,7 +80,8 @@ class Peer:
         from swarm.node import Node
 
         self.node = Node(self.dht, self.identity)
-        self.node.join_run(self.args.run_id, SwarmConfig(allreduce_timeout_s=self.args.timeout_s), serve=serve)
+        self.node.join_run(self.args.run_id, SwarmConfig(allreduce_timeout_s=self.args.timeout_s), serve=serve,
+                           reachable="yes")
 
     def _start_averager(self, tensors: list[torch.Tensor], share: bool) -> None:
         import signal
@@ -115,7 +116,8 @@ class Holder(Peer):
         t0 = time.monotonic()
         manifest, payload = pack_state(self.args.run_id, state)
         pack_s = time.monotonic() - t0
-        self.node.publish(manifest, payload)
+        self.node.hold(manifest, payload)
+        self.node.flush_status()
         return {"peer_id": self.node.peer_id, "maddrs": [str(m) for m in self.dht.get_visible_maddrs()],
                 "manifest": manifest.sha256, "chunks": len(manifest.chunk_sha256), "size": manifest.size,
                 "state_sha256": hashlib.sha256(payload).hexdigest(), "pack_s": round(pack_s, 3)}
@@ -130,18 +132,19 @@ class Joiner(Peer):
         return {"peer_id": self.node.peer_id, "maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
 
     def records(self, holders: int) -> dict:
-        """Wait until ``holders`` manifest records are in the DHT; the newest manifest the swarm would pick."""
-        from swarm.manifest import choose_manifest
+        """Wait until ``holders`` peers announce the state; the one the swarm's adoption rules would pick."""
+        from swarm.adoption import Adoption, held_state
 
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
-            records = self.node.call(self.node.sdht.manifests())
+            live = self.node.live_peers(fresh=True)
+            records = [p for p, r in live.items() if held_state(r) is not None]
             if len(records) >= holders or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        chosen = choose_manifest(records)
-        return {"records": len(records), "manifest": chosen[0]["manifest"] if chosen else None,
-                "holders": chosen[1] if chosen else []}
+        chosen = Adoption(self.args.run_id, self.args.numel, self.node.peer_id).candidates(live, -1, "")
+        return {"records": len(records), "manifest": chosen[0].manifest if chosen else None,
+                "holders": list(chosen[0].holders) if chosen else []}
 
     def _measure(self, fetch) -> dict:
         """Run ``fetch`` (returns theta, momentum, extra fields) with eth0, CPU and TCP counters around it.
@@ -168,11 +171,13 @@ class Joiner(Peer):
         return reply
 
     def swarm(self, holders: list[str], manifest: str, hints: dict[str, list[str]]) -> dict:
+        from swarm import caps
         from swarm.manifest import download
 
         def fetch():
-            got, state, stats = self.node.call(download(self.node.p2p, holders, manifest, self.args.timeout_s,
-                                                        hints=hints))
+            got, state, stats = self.node.call(download(self.node.p2p, holders, manifest, self.args.run_id,
+                                                        self.args.numel, self.args.timeout_s, caps.CEILING_S,
+                                                        hints=hints), timeout_s=None)
             # download() raises unless every chunk matched the manifest and theta its model_sha256
             return state["theta_global"], state["momentum"], {
                 "verified": got.sha256 == manifest, "sources": stats.sources, "bytes": stats.bytes,

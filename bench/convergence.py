@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bench.common import finish_figure, make_parents, write_json
 from swarm import checkpoint
-from swarm.config import ConfigError, RunConfig, load_profile
+from swarm.config import ConfigError, RunConfig, load_profile, write_profile
 from swarm.data import peer_sampler
 from swarm.diloco import DiLoCo, flatten
 from swarm.evaluate import corpus_split, model_at, validation_loss
@@ -93,25 +93,6 @@ def derive(base: RunConfig, run_id: str, inner_steps: int, outer_steps: int, cod
     swarm = dataclasses.replace(base.swarm, codec=codec or base.swarm.codec, checkpoint_every=1,
                                 keep_checkpoints=outer_steps)
     return dataclasses.replace(base, run_id=run_id, train=train, swarm=swarm)
-
-
-def write_profile(cfg: RunConfig, path: str) -> str:
-    """``cfg`` as a TOML profile that swarm.config.load_profile reads back to the same RunConfig."""
-    lines = ["[run]", f"run_id = {json.dumps(cfg.run_id)}", f"profile = {json.dumps(cfg.profile)}"]
-    for section in ("model", "train", "swarm"):
-        lines += ["", f"[{section}]"]
-        lines += [f"{key} = {_toml(value)}" for key, value in dataclasses.asdict(getattr(cfg, section)).items()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if dataclasses.replace(load_profile(path), tokenizer_sha256=cfg.tokenizer_sha256) != cfg:
-        raise BenchError(f"{path} does not read back as the profile it was written from")
-    return path
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 # --- swarms -----------------------------------------------------------------------------------------

@@ -1,23 +1,39 @@
 """swarm: peers on slow, unreliable links train one language model together with DiLoCo.
 
-The code is organised as one outer step flows (shared/DESIGN.md draws it):
+Use it from Python around your own training loop (``swarm.DiLoCo``, ``swarm.Validation``), or as
+``python -m swarm.peer``. The code is organised as one outer step flows (docs/architecture.md draws it):
 
-* ``peer``     the CLI; wires the pieces below and runs the outer loop.
-* ``config``   the run config: a TOML profile, published once in the DHT, checked by joiners.
-* ``dht``      the only door to hivemind's DHT: bootstrap, key names, typed records.
-* ``node``     the network thread: liveness records and every protocol we serve.
-* ``data``     the embedded corpus (or ``--data``), tokenizers, per-peer shards.
-* ``model``    the GPT and ``model_sha256``, the hash that proves replicas agree.
-* ``diloco``   H inner AdamW steps, the pseudo-gradient Δ, the outer Nesterov step.
-* ``compression``  our int8 blockwise codec for Δ on the wire.
-* ``matchmaking``  deterministic group formation for an outer step, retried without failed peers.
-* ``averaging``    the all-reduce of Δ: byte-identical results, hostile contributions refused or clipped.
-* ``holder``   after each outer step: pack θ_global, serve and announce it (``manifest``), save it
-               (``checkpoint``, atomic, verified on load).
-* ``manifest`` manifests in the DHT and verified multi-source chunk download for late joiners.
-* ``wire``     framing and size limits for our own libp2p streams; ``fsutil`` crash-safe writes.
-* ``metrics``  JSON-lines events; ``dashboard`` the live web page; ``status`` the swarm in a terminal;
-  ``generate`` text from a verified model; ``launch`` a local swarm; ``bootstrap`` a bare DHT node.
+* ``api``         ``DiLoCo``: the peer around a user's model and optimizer; ``peer`` is the CLI over it.
+* ``membership``  start our DHT node and find (or start) the run; ``config`` the run config and profiles.
+* ``rounds``      the outer loop: one typed outcome per round (averaged, carried, resynced, rolled back).
+* ``diloco``      θ_global, the outer momentum, Δ and the bit-identical outer Nesterov step.
+* ``node``        the network thread; ``liveness`` our record and the view of everyone else's; ``dht`` the
+                  only door to hivemind's DHT; ``reachability`` the dial-back test for peers behind NAT.
+* ``matchmaking`` groups per round, without livelock or DHT polling; ``averaging`` the all-reduce of Δ:
+                  byte-identical results, hostile contributions refused or clipped, failures blamed honestly.
+* ``compression`` the int8 codec; ``caps`` every wait's cap.
+* ``holder``      after each outer step: describe θ_global, serve and announce it (``manifest``), save it
+                  (``checkpoint``); ``adoption`` which of the swarm's states a peer may take.
+* ``signature``   which tensors are averaged, and ``model_sha256``; ``validation`` the loss check hook.
+* ``model`` our GPT; ``architectures`` every model family (GPT, Hugging Face); ``data`` corpora, tokenizers,
+  shards; ``inner`` the CLI's inner loop; ``device`` and ``memory`` checks before training starts.
+* ``wire`` framing and size limits for our own streams; ``fsutil`` crash-safe writes.
+* ``metrics`` JSON-lines events; ``dashboard`` the live page; ``status`` the swarm in a terminal;
+  ``generate`` text from a verified model; ``export`` a checkpoint as safetensors; ``launch`` a local
+  swarm; ``bootstrap`` a bare DHT node.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    """``swarm.DiLoCo`` and ``swarm.Validation`` without importing torch and hivemind on ``import swarm``."""
+    if name == "DiLoCo":
+        from swarm.api import DiLoCo
+
+        return DiLoCo
+    if name == "Validation":
+        from swarm.validation import Validation
+
+        return Validation
+    raise AttributeError(f"module 'swarm' has no attribute {name!r}")

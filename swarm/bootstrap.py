@@ -3,7 +3,8 @@
 It trains nothing and holds no model; peers list it in ``--initial-peers`` so that the
 swarm stays reachable however its training peers come and go. Run it on a machine with
 a public address and a fixed port (``--host-maddrs /ip4/0.0.0.0/tcp/31337``) and keep
-``--identity`` so its multiaddr survives restarts.
+``--identity`` so its multiaddr survives restarts. It also answers the dial-back test
+(swarm.reachability) with which a new peer learns whether others can dial it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 from swarm.cli import run_command
 from swarm.dht import parse_maddrs, start_dht
 from swarm.identity import load_identity
+from swarm.node import Node
+from swarm.reachability import DIALBACK, serve_dialback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,8 @@ def serve(args: argparse.Namespace) -> int:
     dht = start_dht(parse_maddrs(args.initial_peers, "--initial-peers", need_peer_id=True),
                     parse_maddrs(args.host_maddrs, "--host-maddrs"),
                     parse_maddrs(args.announce_maddrs, "--announce-maddrs"), load_identity(args.identity))
+    node = Node(dht)
+    node.call(node.p2p.add_binary_stream_handler(DIALBACK, serve_dialback))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -41,7 +46,7 @@ def serve(args: argparse.Namespace) -> int:
     for maddr in dht.get_visible_maddrs():
         print(f"  python -m swarm.peer --initial-peers {maddr}", flush=True)
     stop.wait()
-    dht.shutdown()
+    node.close()
     return 0
 
 

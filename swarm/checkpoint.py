@@ -3,7 +3,9 @@
 One directory per outer step, ``step-00000012/``: ``state.bin`` (the manifest's payload:
 θ_global and outer momentum), ``manifest.msgpack`` (sizes and chunk hashes, the same
 manifest the peer gossips), ``config.msgpack`` (the run config, so the model can be rebuilt
-from the directory alone), ``inner.pt`` (this peer's own AdamW state, never shared). It is
+from the directory alone), ``tokenizer.json`` (where the run's tokenizer is not the byte one, so that
+``swarm.generate`` and ``swarm.export`` need nothing else), ``inner.pt`` (this peer's own local state,
+never shared: its inner optimizer, learning-rate scheduler and error-feedback residual). It is
 written under a temporary name, every file and the directory fsynced, then renamed into
 place, so a crash at any instant leaves the previous checkpoints intact. Loading verifies
 every chunk and the model hash, and falls back to an older checkpoint with a warning.
@@ -42,8 +44,9 @@ class Loaded(NamedTuple):
     manifest: Manifest
     payload: bytes
     state: dict  # outer_step, theta_global, momentum
-    inner: dict | None  # this peer's AdamW state, if saved and readable
+    inner: dict | None  # this peer's local state (optimizer, scheduler, ...), if saved and readable
     config: RunConfig | None  # the run's config, if saved
+    tokenizer: bytes | None  # the run's tokenizer.json, if the run has one
 
 
 @dataclass
@@ -63,8 +66,8 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, keep: int, inner_state: dict | None = None,
-         config: RunConfig | None = None) -> Saved:
+def save(root: str | os.PathLike, manifest: Manifest, payload: bytes | memoryview, keep: int,
+         inner_state: dict | None = None, config: RunConfig | None = None, tokenizer: bytes | None = None) -> Saved:
     """Write one checkpoint atomically and prune to the newest ``keep``. Raises OSError (e.g. disk full)
     with the previous checkpoints untouched."""
     t0 = time.monotonic()
@@ -77,6 +80,8 @@ def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, keep: int,
         files = {"state.bin": payload, "manifest.msgpack": manifest.to_bytes()}
         if config is not None:
             files["config.msgpack"] = config.to_bytes()
+        if tokenizer is not None:
+            files["tokenizer.json"] = tokenizer
         if inner_state is not None:
             buffer = io.BytesIO()
             torch.save(inner_state, buffer)
@@ -96,7 +101,8 @@ def save(root: str | os.PathLike, manifest: Manifest, payload: bytes, keep: int,
         raise
     for old in step_dirs(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    return Saved(manifest.outer_step, str(final), sum(len(b) for b in files.values()), time.monotonic() - t0)
+    return Saved(manifest.outer_step, str(final), sum(memoryview(b).nbytes for b in files.values()),
+                 time.monotonic() - t0)
 
 
 def load(path: str | os.PathLike) -> Loaded:
@@ -125,13 +131,14 @@ def load(path: str | os.PathLike) -> Loaded:
             config = RunConfig.from_bytes((path / "config.msgpack").read_bytes())
         except (OSError, ConfigError) as e:
             raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+    tokenizer = (path / "tokenizer.json").read_bytes() if (path / "tokenizer.json").exists() else None
     inner = None
     if (path / "inner.pt").exists():
         try:
             inner = torch.load(path / "inner.pt", weights_only=True)
         except Exception as e:  # local optimizer state is a convenience: the run goes on without it
-            log.warning("%s: inner optimizer state unreadable (%s); starting AdamW afresh", path, e)
-    return Loaded(manifest, payload, state, inner, config)
+            log.warning("%s: local optimizer state unreadable (%s); starting it afresh", path, e)
+    return Loaded(manifest, payload, state, inner, config, tokenizer)
 
 
 def load_latest(root: str | os.PathLike, run_id: str | None = None, numel: int | None = None) -> Loaded | None:

@@ -1,175 +1,73 @@
-"""Training data: the embedded corpus (or ``--data``), tokenizers, and each peer's shard of the tokens.
+"""Training data: the corpus (the embedded one or ``--data``), its tokens, and each peer's shard of them.
 
-Every peer tokenizes with the same tokenizer (``Tokenizer.sha256`` lets the run check it), keeps
-the last 2% of its tokens as held-out validation, and samples training windows from its own
-contiguous shard of the rest with its own seed, so peers see different data (as in DiLoCo,
-arXiv 2311.08105, where each worker trains on its own shard).
+Every peer tokenizes the same corpus with the same tokenizer (``Corpus.sha256`` and ``Tokenizer.sha256``
+let the run check both), keeps the last 2% of its tokens as held-out validation, and samples training
+windows from its own contiguous shard of the rest with its own seed, so peers see different data (as in
+DiLoCo, arXiv 2311.08105, where each worker trains on its own shard). Reading the data is
+``swarm.sources``' job and turning text into ids ``swarm.tokenizer``'s; this module caches the ids and
+samples them (docs/architecture.md, "Data").
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
-import logging
 import os
-import re
-import zlib
-from collections.abc import Iterator
-from importlib import resources
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import tokenizers
 import torch
 
-from swarm.fsutil import write_atomic
+from swarm.fsutil import fsync_dir
+from swarm.sources import Corpus, DataError, load_corpus
+from swarm.tokenizer import BYTE_SHA256, Tokenizer, build_tokenizer, default_cache_dir, tokenizer_from_json
 
-log = logging.getLogger("swarm")
-
-# The BPE trainer and encoder are deterministic either way; their thread pool buys nothing on a
-# 2-core peer and makes tokenizers warn (and disable itself) in every process forked after use.
-# tokenizers reads this variable at each call, so setting it after the import is enough.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".tex", ".html")
-BPE_VOCAB_SIZE = 4096
-BYTE_SHA256 = hashlib.sha256(b"byte-v1").hexdigest()  # the byte tokenizer's mapping never changes
-CHUNK_CHARS = 1 << 20  # characters encoded per tokenizer call: bounds the tokenizer's memory
-# A newline between two printable ASCII characters: the byte-level pre-tokenizer always cuts
-# there, so encoding the pieces on either side separately gives the same ids as encoding the whole.
-_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+__all__ = ["Corpus", "DataError", "load_corpus", "Tokenizer", "BYTE_SHA256", "build_tokenizer", "tokenizer_from_json",
+           "default_cache_dir", "prepare_tokens", "split_tokens", "BatchSampler", "peer_sampler", "peer_seed",
+           "peer_shard"]
 
 
-class DataError(ValueError):
-    """A ``--data`` path (or tokenizer choice) we cannot train on; the message is one line for the user."""
-
-
-def load_text(path: str | os.PathLike | None) -> str:
-    """The training text: the embedded corpus for None, else a file's text, or every text file (``.gz``
-    too) under a directory, sorted by relative path so that peers with the same files read the same text."""
-    if path is None:
-        blob = (resources.files("swarm") / "corpus" / "shakespeare.txt.gz").read_bytes()
-        return gzip.decompress(blob).decode("utf-8")
-    root = Path(path)
-    if root.is_dir():
-        files = sorted((f for f in root.rglob("*") if f.is_file() and _is_text_name(f.name)),
-                       key=lambda f: f.relative_to(root).as_posix())
-        if not files:
-            raise DataError(f"--data {path}: no text files ({' '.join(TEXT_SUFFIXES)}, or .gz of them) in it")
-        text = "\n\n".join(_read_text(f) for f in files)
-    elif root.exists():
-        text = _read_text(root)
-    else:
-        raise DataError(f"--data {path}: no such file or directory")
-    if not text.strip():
-        raise DataError(f"--data {path}: no text in it")
-    return text
-
-
-def _is_text_name(name: str) -> bool:
-    return Path(name.lower().removesuffix(".gz")).suffix in TEXT_SUFFIXES
-
-
-def _read_text(path: Path) -> str:
-    try:
-        blob = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            blob = gzip.decompress(blob)
-    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a truncated or corrupt .gz
-        raise DataError(f"--data {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    if b"\0" in blob:  # what git and grep take as the mark of a binary file
-        raise DataError(f"--data {path}: not a text file (it holds NUL bytes)")
-    return blob.decode("utf-8", errors="replace")
-
-
-class Tokenizer:
-    """Text <-> token ids (numpy uint16). ``sha256`` names the exact id mapping, so peers can check they agree."""
-
-    def __init__(self, kind: str, bpe_json: str | None = None):
-        self.kind = kind
-        self._bpe = None if bpe_json is None else tokenizers.Tokenizer.from_str(bpe_json)
-        self.vocab_size = 256 if self._bpe is None else self._bpe.get_vocab_size()
-        self.sha256 = BYTE_SHA256 if bpe_json is None else hashlib.sha256(bpe_json.encode()).hexdigest()
-
-    def encode(self, text: str) -> np.ndarray:
-        if self._bpe is None:
-            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-        return np.asarray(self._bpe.encode(text).ids, dtype=np.uint16)
-
-    def decode(self, ids) -> str:
-        ids = np.asarray(ids).reshape(-1)
-        if self._bpe is None:
-            return bytes(ids.tolist()).decode("utf-8", errors="replace")
-        return self._bpe.decode(ids.tolist())
-
-
-def default_cache_dir() -> Path:
-    """Where trained tokenizers and token files are cached: ``$XDG_CACHE_HOME/swarm`` (``~/.cache/swarm``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swarm"
-
-
-def build_tokenizer(kind: str, text: str, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """``"byte"`` (the 256 UTF-8 byte values) or ``"bpe4k"`` (a 4096-token byte-level BPE trained on ``text``).
-
-    Training is deterministic, so every peer that trains on the same text gets the same ids.
-    A trained BPE is cached in ``cache_dir`` (default ``$XDG_CACHE_HOME/swarm``) under the text's sha256.
-    """
-    if kind == "byte":
-        return Tokenizer("byte")
-    if kind != "bpe4k":
-        raise DataError(f"unknown tokenizer {kind!r}: choose 'byte' or 'bpe4k'")
-    if cache_dir is None:
-        cache_dir = default_cache_dir()
-    path = Path(cache_dir) / f"bpe4k-{hashlib.sha256(text.encode('utf-8')).hexdigest()}.json"
-    if path.is_file():
-        return Tokenizer("bpe4k", path.read_text(encoding="utf-8"))
-    bpe_json = _train_bpe(text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, bpe_json.encode("utf-8"))
-    except OSError as e:  # a cache we cannot write costs a retraining at the next start, nothing more
-        log.warning("bpe4k tokenizer not cached in %s: %s", path.parent, e)
-    return Tokenizer("bpe4k", bpe_json)
-
-
-def _train_bpe(text: str) -> str:
-    """Train GPT-2-style byte-level BPE and return its canonical JSON (sorted keys, no spaces).
-
-    All 256 bytes are in the initial alphabet, so any text encodes without unknown tokens.
-    """
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, show_progress=False,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_chunks(text), trainer=trainer)
-    return json.dumps(json.loads(bpe.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def _chunks(text: str) -> Iterator[str]:
-    """``text`` in pieces of about CHUNK_CHARS, cut only where the pieces tokenize as the whole does."""
-    start = 0
-    while start < len(text):
-        cut = _SAFE_CUT.search(text, start + CHUNK_CHARS) if start + CHUNK_CHARS < len(text) else None
-        end = cut.start() if cut else len(text)
-        yield text[start:end]
-        start = end
-
-
-def prepare_tokens(text: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> np.memmap:
-    """``text`` as uint16 ids in ``<cache_dir>/tokens-<sha256 of tokenizer and text>-<n_tokens>.u16``,
-    encoded once and reused while the file has the size its name promises (2 bytes a token)."""
+def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> np.memmap:
+    """The corpus's token ids, memory-mapped read-only from ``<cache_dir>/tokens-<key>-<n_tokens>.u16`` (``.u32``
+    for vocabularies above 65536 ids), where key hashes the tokenizer's and the corpus's sha256 (which covers
+    the text column). Encoded once, chunk by chunk, and reused while the file has the size its name promises."""
     cache = Path(cache_dir)
-    key = hashlib.sha256(f"{tokenizer.sha256}\n".encode() + text.encode("utf-8")).hexdigest()
-    for path in cache.glob(f"tokens-{key}-*.u16"):
-        if path.stat().st_size == 2 * int(path.stem.rsplit("-", 1)[1]):
-            return np.memmap(path, dtype="<u2", mode="r")
-    ids = np.concatenate([tokenizer.encode(chunk) for chunk in _chunks(text)]).astype("<u2", copy=False)
-    path = cache / f"tokens-{key}-{len(ids)}.u16"
+    dtype = np.dtype(tokenizer.dtype).newbyteorder("<")
+    suffix = f".u{8 * dtype.itemsize}"
+    stem = "tokens-" + hashlib.sha256(f"{tokenizer.sha256}\n{corpus.sha256}".encode()).hexdigest()
+    for path in cache.glob(f"{stem}-*{suffix}"):
+        n_tokens = path.name[len(stem) + 1:-len(suffix)]
+        if n_tokens.isdigit() and path.stat().st_size == dtype.itemsize * int(n_tokens):
+            return np.memmap(path, dtype=dtype, mode="r")
     cache.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, memoryview(ids))
-    return np.memmap(path, dtype="<u2", mode="r")
+    return np.memmap(_encode_to_file(corpus, tokenizer, dtype, cache / stem, suffix), dtype=dtype, mode="r")
+
+
+def _encode_to_file(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, stem: Path, suffix: str) -> Path:
+    """Append each chunk's ids to a temp file beside the final one as they come, then fsync it and rename it to
+    ``<stem>-<n_tokens><suffix>``: like ``fsutil.write_atomic``, a crash leaves only a temp file, never read."""
+    fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{stem.name}-", suffix=".tmp")
+    try:
+        n_tokens = 0
+        with os.fdopen(fd, "wb") as f:
+            for chunk in corpus.chunks():
+                ids = tokenizer.encode(chunk).astype(dtype, copy=False)
+                f.write(memoryview(ids))
+                n_tokens += len(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        if n_tokens == 0:
+            raise DataError(f"the {tokenizer.kind} tokenizer turns {corpus.name} into no tokens")
+        path = stem.with_name(f"{stem.name}-{n_tokens}{suffix}")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(stem.parent)
+    return path
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float = 0.02) -> tuple[np.ndarray, np.ndarray]:

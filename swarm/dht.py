@@ -2,7 +2,12 @@
 
 Every record we read is untrusted input from the network, so readers check types and
 drop what does not fit instead of crashing. Records stay a few hundred bytes: a DHT
-value near 64 KiB kills hivemind's DHT process (shared/HIVEMIND.md).
+value near 64 KiB kills hivemind's DHT process (docs/architecture.md, "hivemind pitfalls").
+
+Requests go to hivemind's DHT process through one pipe per DHT, which is not thread-safe and
+blocks its writer once full: one lock per DHT object (whatever number of SwarmDHT views share
+it) owns the pipe, and a DHT that stops answering gets at most ``MAX_IN_FLIGHT`` requests, so
+a stalled DHT process makes requests fail at once instead of freezing the caller's thread.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import hivemind
@@ -25,15 +31,17 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.serializer import MSGPackSerializer
 from multiaddr import Multiaddr
 
-from swarm.config import ConfigError, RunConfig
+from swarm.config import RUN_ID_RE, ConfigError, RunConfig
 from swarm.identity import Identity, identity_file, load_identity, peer_id_of_owner
 
 log = logging.getLogger("swarm")
 
 RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a joiner finds the run
 RECORD_MAX_BYTES = 4096
+CONFIG_RECORD_MAX_BYTES = 32 * 1024  # a run config with a model signature; far below the 64 KiB that kills a DHT
 CONFIG_TTL_S = 7 * 24 * 3600.0
-DHT_TIMEOUT_S = 20.0  # a DHT request that takes longer failed (its process or daemon is gone)
+DHT_TIMEOUT_S = 10.0  # a DHT request that takes longer failed (swarm.dht_timeout_s in a run)
+MAX_IN_FLIGHT = 64  # unanswered requests to one DHT process: ~20 KB in its pipe, below the 64 KiB that blocks
 # A signed record is about 1 KB (RSA key and signature included), and a DHT read returns all the records of
 # a key at once: spread them over buckets so that one read stays far below 64 KiB with hundreds of peers.
 SIGNED_BUCKETS = 8
@@ -65,20 +73,45 @@ class UnreachableError(RuntimeError):
     """No initial peer answered (exit code 3)."""
 
 
+class DHTUnavailable(TimeoutError):
+    """The DHT process did not answer in time, or has too many requests unanswered: try again later."""
+
+
+class _Pipe:
+    """The one owner of a hivemind.DHT's request pipe in this process."""
+
+    _by_dht: "weakref.WeakKeyDictionary[hivemind.DHT, _Pipe]" = weakref.WeakKeyDictionary()
+    _create = threading.Lock()
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.in_flight: set = set()
+
+    @classmethod
+    def of(cls, dht: hivemind.DHT) -> "_Pipe":
+        with cls._create:
+            pipe = cls._by_dht.get(dht)
+            if pipe is None:
+                pipe = cls._by_dht[dht] = cls()
+            return pipe
+
+    def send(self, request) -> Any:
+        """``request()`` issues one DHT call and returns its future; refused while the DHT owes too many."""
+        with self.lock:
+            self.in_flight = {f for f in self.in_flight if not f.done()}
+            if len(self.in_flight) >= MAX_IN_FLIGHT:
+                raise DHTUnavailable(f"the DHT process has {len(self.in_flight)} requests unanswered")
+            future = request()
+            self.in_flight.add(future)
+            return future
+
+
 def config_key(run_id: str) -> str:
     return f"{run_id}/config"
 
 
-def outer_key(run_id: str, outer_step: int) -> str:
-    return f"{run_id}/outer/{outer_step}"
-
-
 def peers_key(run_id: str) -> str:
     return f"{run_id}/peers"
-
-
-def manifest_key(run_id: str) -> str:
-    return f"{run_id}/manifest"
 
 
 def signed_key(key: str, peer_id: str) -> str:
@@ -136,24 +169,30 @@ class SwarmDHT:
     request pipe (not thread-safe) to one writer.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity | None = None):
+    def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity | None = None,
+                 timeout_s: float = DHT_TIMEOUT_S):
         """``identity`` (the one the DHT was started with) is needed only to write our signed records."""
-        self.dht, self.run_id, self.identity = dht, run_id, identity
+        self.dht, self.run_id, self.identity, self.timeout_s = dht, run_id, identity, timeout_s
         if identity is not None and identity.peer_id != dht.peer_id.to_base58():
             raise ValueError("SwarmDHT: the identity is not the one this DHT node runs under")
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs from its liveness record
-        self._lock = threading.Lock()
+        self._pipe = _Pipe.of(dht)
+
+    async def _answer(self, future) -> Any:
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DHTUnavailable(f"no answer from the DHT within {self.timeout_s:.0f} s") from None
 
     async def store(self, key: str, subkey: Any, value: Any, ttl_s: float) -> bool:
-        with self._lock:
-            future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey, return_future=True)
-        return bool(await asyncio.wait_for(future, DHT_TIMEOUT_S))
+        future = self._pipe.send(lambda: self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey,
+                                                        return_future=True))
+        return bool(await self._answer(future))
 
     async def get_subkeys(self, key: str) -> dict[str, Any]:
         """{subkey: value} of a dictionary record; anything else reads as empty."""
-        with self._lock:
-            future = self.dht.get(key, latest=True, return_future=True)
-        found = await asyncio.wait_for(future, DHT_TIMEOUT_S)
+        future = self._pipe.send(lambda: self.dht.get(key, latest=True, return_future=True))
+        found = await self._answer(future)
         if found is None or not isinstance(found.value, dict):
             return {}
         return {k: v.value for k, v in found.value.items() if hasattr(v, "value")}
@@ -164,8 +203,10 @@ class SwarmDHT:
         """Publish a new run's config; ConfigError if the DHT already holds a different one for this run id."""
         if not await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S):
             existing = await self.fetch_config()
-            if existing is not None:
+            if existing is not None and existing != cfg:
                 cfg.check_compatible(existing)
+                raise ConfigError(f"run {cfg.run_id!r} was started meanwhile by another peer, with another model or "
+                                  f"data: join it with --initial-peers, or pick another --run-id")
         await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
 
     async def fetch_config(self) -> RunConfig | None:
@@ -173,12 +214,12 @@ class SwarmDHT:
         blob = records.get("config")
         if blob is None:
             return None
-        if not isinstance(blob, bytes) or len(blob) > RECORD_MAX_BYTES:
+        if not isinstance(blob, bytes) or len(blob) > CONFIG_RECORD_MAX_BYTES:
             raise ConfigError(f"run {self.run_id!r} has a malformed config record in the DHT")
         return RunConfig.from_bytes(blob)
 
     async def list_runs(self) -> list[str]:
-        return sorted(k for k in await self.get_subkeys(RUNS_KEY) if isinstance(k, str))
+        return sorted(k for k in await self.get_subkeys(RUNS_KEY) if isinstance(k, str) and RUN_ID_RE.match(k))
 
     # --- liveness and readiness ------------------------------------------------------------------
 
@@ -204,49 +245,38 @@ class SwarmDHT:
         await self.store_signed(peers_key(self.run_id), info, ttl_s)
 
     async def live_peers(self) -> dict[str, dict]:
-        """peer id -> its latest liveness record (name, round, training, state, samples, compute_s, ...)."""
+        """peer id -> its latest liveness record (name, round, training, state, reachable, held, samples, ...)."""
         live = {k: v for k, v in (await self.get_signed(peers_key(self.run_id))).items()
-                if isinstance(v.get("round"), int) and isinstance(v.get("training", 0), int)
-                and v.get("state") != "left"}
+                if _is_int(v.get("round")) and _is_int(v.get("training", 0)) and v.get("state") != "left"
+                and isinstance(v.get("reachable", True), bool)}
         for peer, record in live.items():
             maddrs = record.get("maddrs")
             if isinstance(maddrs, list) and all(isinstance(m, str) and len(m) < 256 for m in maddrs[:4]):
                 self.addresses[peer] = maddrs[:4]
         return live
 
-    async def announce_ready(self, outer_step: int, info: dict, ttl_s: float) -> None:
-        await self.store_signed(outer_key(self.run_id, outer_step), info, ttl_s)
 
-    async def ready_peers(self, outer_step: int) -> dict[str, dict]:
-        return await self.get_signed(outer_key(self.run_id, outer_step))
-
-    # --- checkpoint manifests ------------------------------------------------------------------
-
-    async def publish_manifest(self, record: dict, ttl_s: float) -> bool:
-        """Our signed record under ``<run>/manifest``."""
-        return await self.store_signed(manifest_key(self.run_id), record, ttl_s)
-
-    async def manifests(self) -> dict[str, dict]:
-        """Holder's peer id -> manifest record {peer, outer_step, manifest, model_sha256, size}: well-formed
-        records signed by the holder they name, other than our own (what the swarm holds, not what we hold)."""
-        me = self.identity.peer_id if self.identity is not None else None
-        return {peer: rec for peer, rec in (await self.get_signed(manifest_key(self.run_id))).items()
-                if peer != me and isinstance(rec.get("outer_step"), int) and isinstance(rec.get("manifest"), str)
-                and len(rec["manifest"]) == 64}
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
 
 
 async def find_run_config(dht: hivemind.DHT, run_id: str | None, wait_s: float) -> RunConfig | None:
-    """The config of run ``run_id`` (or of the only run in the DHT), polling up to ``wait_s`` for it to appear.
+    """The config of run ``run_id`` (or of the only run in the DHT with live peers), polling up to ``wait_s`` for
+    it to appear. A run whose peers have all left does not count when none is named: it cannot block joins.
 
-    ConfigError if the DHT holds several runs and none was named.
+    ConfigError if the DHT holds several live runs and none was named.
     """
     deadline = time.monotonic() + wait_s
+    named = run_id
     while True:
-        if run_id is None:
+        if named is None:
             runs = await SwarmDHT(dht, "_").list_runs()
-            if len(runs) > 1:
-                raise ConfigError(f"the swarm has several runs ({', '.join(runs)}): choose one with --run-id")
-            run_id = runs[0] if runs else None
+            alive = [r for r in runs if await SwarmDHT(dht, r).live_peers()]
+            if len(alive) > 1:
+                raise ConfigError(f"the swarm has several runs ({', '.join(alive)}): choose one with --run-id")
+            if not alive and len(runs) > 1 and time.monotonic() >= deadline:
+                raise ConfigError(f"no run in the DHT has live peers ({', '.join(runs)}): choose one with --run-id")
+            run_id = alive[0] if alive else runs[0] if len(runs) == 1 else None
         found = await SwarmDHT(dht, run_id).fetch_config() if run_id else None
         if found is not None or time.monotonic() >= deadline:
             return found

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from swarm import data as swarm_data
+from swarm.architectures import build_model
 from swarm.config import RunConfig
-from swarm.model import build_model, global_parameters
+from swarm.signature import check_model, load_flat
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def validation_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, batches:
 def corpus_split(cfg: RunConfig) -> tuple[swarm_data.Tokenizer, np.ndarray, np.ndarray]:
     """(tokenizer, train tokens, held-out tokens) of the embedded corpus, exactly as a peer of ``cfg`` derives
     them (and cached where the peers cache them, so peers started afterwards find them ready)."""
-    corpus = swarm_data.load_text(None)
+    corpus = swarm_data.load_corpus(None)
     tokenizer = swarm_data.build_tokenizer(cfg.model.tokenizer, corpus)
     cache_dir = swarm_data.default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -47,15 +48,10 @@ def corpus_split(cfg: RunConfig) -> tuple[swarm_data.Tokenizer, np.ndarray, np.n
 
 
 def model_at(cfg: RunConfig, vocab_size: int, theta: torch.Tensor) -> nn.Module:
-    """The run's model with its parameters set from a flat fp32 θ (a checkpoint's ``theta_global``)."""
+    """The run's model with its parameters set from a flat fp32 θ (a checkpoint's ``theta_global``). A model whose
+    parameters differ from the ones the run averages (another transformers version naming them otherwise) is
+    refused with a ConfigError naming the first difference, rather than filled with values that mean something
+    else."""
     model = build_model(cfg.model, vocab_size, cfg.train.seed)
-    params = global_parameters(model)
-    numel = sum(p.numel() for p in params)
-    if theta.numel() != numel:
-        raise ValueError(f"θ has {theta.numel()} values, the {cfg.profile} model {numel}")
-    with torch.no_grad():
-        offset = 0
-        for p in params:
-            p.copy_(theta[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-    return model
+    check_model(cfg, model)
+    return load_flat(model, theta)

@@ -1,9 +1,11 @@
-"""What a peer holds for the swarm: after each outer step, pack θ_global, serve it, announce it, save it.
+"""What a peer holds for the swarm: after each outer step, describe θ_global, serve it, announce it, save it.
 
-All of it runs on one background thread, so training never waits for hashing or the disk.
-Only the newest state is kept pending: when the disk is slower than the outer steps,
-intermediate saves are skipped instead of queued without bound. A failed save (a full
-disk, say) is a warning; the previous checkpoints stay loadable and training goes on.
+All of it runs on one background thread, so training never waits for hashing or the disk. The
+state is served from the live θ_global/momentum buffer without a copy (swarm.diloco.OuterState):
+its ``generation`` tells whether the buffer still holds the state a manifest describes. Only the
+newest state is kept pending: when the disk is slower than the outer steps, intermediate saves are
+skipped instead of queued without bound. A failed save (a full disk, say) is a warning; the
+previous checkpoints stay loadable and training goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +26,11 @@ log = logging.getLogger("swarm")
 
 
 class Holder:
-    def __init__(self, cfg: RunConfig, publish: Callable[[Manifest, bytes], None], checkpoint_dir: str | None,
+    def __init__(self, cfg: RunConfig, publish: Callable[[Manifest, memoryview, Callable[[], bool]], None],
+                 generation: Callable[[], int], checkpoint_dir: str | None, tokenizer: bytes | None,
                  on_saved: Callable[[checkpoint.Saved], None]):
-        self.cfg, self.publish, self.checkpoint_dir = cfg, publish, checkpoint_dir
-        self.on_saved = on_saved
+        self.cfg, self.publish, self.generation = cfg, publish, generation
+        self.checkpoint_dir, self.tokenizer, self.on_saved = checkpoint_dir, tokenizer, on_saved
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         if checkpoint_dir:
             for stale in Path(checkpoint_dir).glob(".step-*.tmp-*"):  # left by a crash mid-save
@@ -34,9 +38,12 @@ class Holder:
         self._thread = threading.Thread(target=self._run, name="swarm-holder", daemon=True)
         self._thread.start()
 
-    def submit(self, state: dict, inner_state: dict | None) -> None:
-        """Hand over a snapshot (tensors the caller no longer mutates) of the state after an outer step."""
-        item = (state, inner_state)
+    def submit(self, state: dict, local_state: dict | None) -> None:
+        """Hand over the state after an outer step (a view of the live buffer, with its ``generation``) and, when
+        a checkpoint is due, a copy of this peer's local state (optimizer, scheduler, ...)."""
+        self._put((state, local_state))
+
+    def _put(self, item) -> None:
         while True:
             try:
                 self._queue.put_nowait(item)
@@ -49,21 +56,42 @@ class Holder:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            state, inner_state = item
-            manifest, payload = pack_state(self.cfg.run_id, state)
             try:
-                self.publish(manifest, payload)
-            except Exception as e:  # the network side is closing, or the DHT is unreachable for a moment
-                log.debug("manifest for step %d not published: %s", manifest.outer_step, e)
-            if self.checkpoint_dir and manifest.outer_step % self.cfg.swarm.checkpoint_every == 0:
-                try:
-                    self.on_saved(checkpoint.save(self.checkpoint_dir, manifest, payload, self.cfg.swarm.keep_checkpoints,
-                                                  inner_state, self.cfg))
-                except OSError as e:
-                    log.warning("checkpoint of outer step %d not saved (%s); the previous ones are intact, "
-                                "training goes on", manifest.outer_step, e.strerror or e)
+                self._hold(*item)
+            except Exception as e:  # our own failure: logged, and the next state is held as usual
+                log.warning("holding the state failed: %s: %s", type(e).__name__, e)
+                log.debug("holding the state failed", exc_info=True)
 
-    def close(self, timeout_s: float = 60) -> None:
-        """Finish the pending snapshot (publish and save it), then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout_s)
+    def _hold(self, state: dict, local_state: dict | None) -> None:
+        generation = state["generation"]
+        manifest, payload = pack_state(self.cfg.run_id, state)
+        if self.generation() != generation:
+            return  # the state moved on while we hashed it: the newer one is already queued
+        try:
+            self.publish(manifest, payload, lambda: self.generation() == generation)
+        except Exception as e:  # the network side is closing, or the DHT is unreachable for a moment
+            log.debug("state of step %d not announced: %s", manifest.outer_step, e)
+        if local_state is None or not self.checkpoint_dir:  # no checkpoint due
+            return
+        copy = bytes(payload)  # the disk is slow: save a copy, so the live state may move on meanwhile
+        if self.generation() != generation:
+            log.info("checkpoint of outer step %d skipped: the state moved on while it was copied",
+                     manifest.outer_step)
+            return
+        try:
+            self.on_saved(checkpoint.save(self.checkpoint_dir, manifest, copy, self.cfg.swarm.keep_checkpoints,
+                                          local_state, self.cfg, self.tokenizer))
+        except OSError as e:
+            log.warning("checkpoint of outer step %d not saved (%s); the previous ones are intact, "
+                        "training goes on", manifest.outer_step, e.strerror or e)
+
+    def close(self, timeout_s: float = 60) -> bool:
+        """Finish the pending state (announce and save it), then stop; False if that took longer than
+        ``timeout_s`` (the thread is a daemon: it cannot keep the process alive)."""
+        deadline = time.monotonic() + timeout_s
+        try:  # behind the pending state, if any: a dead thread cannot make this wait forever
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return False
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()

@@ -9,6 +9,7 @@ every peer has reported it, and fails if the peers' models ever disagree.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from swarm.config import ConfigError, load_profile, write_profile
 from swarm.metrics import human_bytes, read_events
 
 JOIN_LINE = re.compile(r"--initial-peers (\S+)")
@@ -56,18 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m swarm.launch", description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--outer-steps", type=int, default=8)
-    p.add_argument("--config", default="peers/tiny.toml")
+    p.add_argument("--config", default="tiny", help="profile: a built-in name or a TOML file (default: tiny)")
     p.add_argument("--workdir", help="where peer logs and metrics go (default: a new temp dir)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     p.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     args = p.parse_args(argv)
     if args.peers < 1 or args.outer_steps < 1:
         p.error("--peers and --outer-steps must be at least 1")
-    if not os.path.isfile(args.config):
-        print(f"error: --config: no such file: {args.config}", file=sys.stderr)
-        return 2
     workdir = args.workdir or tempfile.mkdtemp(prefix="swarm-demo-")
     os.makedirs(workdir, exist_ok=True)
+    try:  # round 1 waits for every peer (swarm.min_peers), so that the demo's groups are whole from the start
+        base = load_profile(args.config)
+        profile = write_profile(dataclasses.replace(base, swarm=dataclasses.replace(base.swarm, min_peers=args.peers)),
+                                os.path.join(workdir, "profile.toml"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # a SIGTERM stops everything we started, as Ctrl-C does: the peers, the bootstrap node and their p2pd
+    signal.signal(signal.SIGTERM, _interrupt)
     metrics = [os.path.join(workdir, f"peer{i}.jsonl") for i in range(args.peers)]
     logs = [os.path.join(workdir, f"peer{i}.log") for i in range(args.peers)]
     for path in metrics:
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bootstrap node at {address}; peer0 starts the run from {args.config}, the others join with "
               f"nothing but that address")
         for i in range(args.peers):
-            extra = ["--config", args.config] if i == 0 else []
+            extra = ["--config", profile] if i == 0 else []
             procs.append(start(["swarm.peer", "--initial-peers", address, *extra, "--name", f"peer{i}",
                                 "--metrics-file", metrics[i], "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                 "--max-outer-steps", str(args.outer_steps)], logs[i], args.threads))
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop(procs)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -107,14 +119,22 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
+def reached(path: str) -> int:
+    """The furthest outer step a peer's metrics show: averaged, downloaded (a peer that resynchronised past
+    steps reports no `outer` event for them) or left at."""
+    steps = [e["outer_step"] for e in read_events(path) if e.get("event") in ("outer", "bootstrap", "left")
+             and isinstance(e.get("outer_step"), int)]
+    return max(steps, default=0)
+
+
 def follow(procs: list[subprocess.Popen], metrics: list[str], logs: list[str], outer_steps: int,
            deadline: float) -> int:
-    """Print each outer step once every peer has reported it (a late joiner may skip early steps)."""
+    """Print each outer step once every peer has reported it, or moved past it (a late joiner may skip steps)."""
     agree, losses = True, []
     for step in range(1, outer_steps + 1):
         while True:
             events = [{e["outer_step"]: e for e in read_events(path, "outer")} for path in metrics]
-            if all(step in ev or max(ev, default=0) > step for ev in events):
+            if all(step in ev or reached(path) >= step for ev, path in zip(events, metrics)):
                 break
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed:

@@ -5,9 +5,14 @@ cuts it into chunks and describes it by a manifest: sizes and the sha256 of ever
 The DHT carries only a small signed record per holder, ``<run>/manifest`` with the holder's
 RSA key as subkey, naming the manifest by its sha256 (a model's chunk list can outgrow the
 DHT's ~64 KiB value limit); the manifest itself and the chunks travel over our own stream
-protocol. A joiner picks the newest step, fetches the manifest from any holder, spreads the
-chunks over all holders with several requests in flight to each, verifies every chunk, bans
-a holder that served a bad one, and re-asks another holder on timeout.
+protocol. A joiner (swarm.adoption decides which state) fetches the manifest from any holder,
+checks it against the run's model before allocating anything, spreads the chunks over all
+holders with several requests in flight to each, verifies every chunk, bans a holder that
+served a bad one, and re-asks another holder on timeout.
+
+A peer serves its live θ_global/momentum buffer (swarm.diloco.OuterState) without a copy: each
+chunk is copied out, then the buffer's generation is checked, so a chunk of a state that changed
+meanwhile is answered "not held any more" instead of with bytes that fail their hash.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import msgpack
 import torch
 from hivemind.p2p import P2P
 
-from swarm.model import model_sha256
+from swarm.signature import model_sha256
+from swarm.tokenizer import tokenizer_from_json
 from swarm.wire import WireError, field, open_stream, read_blob, read_msg, write_blob, write_msg
 
 log = logging.getLogger("swarm")
@@ -32,12 +38,19 @@ log = logging.getLogger("swarm")
 CHUNKS = "swarm.chunks"
 FORMAT = "swarm-state-v1"  # payload: θ_global then outer momentum, little-endian fp32
 CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_TOKENIZER_BYTES = 64 << 20
 REQUESTS_IN_FLIGHT = 4  # per holder: hides a round trip per chunk on long links
 
 
 class DownloadError(RuntimeError):
-    """No verified copy of the state could be assembled from the holders we know."""
+    """No verified copy of the state could be assembled from the holders we know. ``blame``: holders that
+    served something wrong (a manifest that does not fit the run, corrupt chunks)."""
+
+    def __init__(self, message: str, blame: set[str] | None = None):
+        super().__init__(message)
+        self.blame = blame or set()
 
 
 @dataclass(frozen=True)
@@ -74,16 +87,29 @@ class Manifest:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
+    def misfit(self, run_id: str, numel: int) -> str | None:
+        """Why this manifest cannot describe a state of run ``run_id``'s model of ``numel`` parameters, or None."""
+        if self.run_id != run_id:
+            return f"it is of run {self.run_id[:64]!r}"
+        if self.numel != numel:
+            return f"it describes {self.numel} parameters, this run's model has {numel}"
+        if self.chunk_size > MAX_CHUNK_BYTES:
+            return f"its chunks of {self.chunk_size} bytes exceed {MAX_CHUNK_BYTES}"
+        return None
+
     def chunk(self, payload: bytes | memoryview, index: int) -> memoryview:
         return memoryview(payload)[index * self.chunk_size:(index + 1) * self.chunk_size]
 
 
-def pack_state(run_id: str, state: dict, chunk_size: int = CHUNK_BYTES) -> tuple[Manifest, bytes]:
-    """(manifest, payload) of a DiLoCo state dict (outer_step, theta_global, momentum)."""
+def pack_state(run_id: str, state: dict, chunk_size: int = CHUNK_BYTES) -> tuple[Manifest, memoryview]:
+    """(manifest, payload) of a DiLoCo state dict (outer_step, theta_global, momentum). With ``buffer`` (θ and the
+    momentum as one fp32 tensor, swarm.diloco.OuterState) the payload is a view of it, else a copy."""
     theta, momentum = state["theta_global"], state["momentum"]
-    payload = theta.numpy().astype("<f4").tobytes() + momentum.numpy().astype("<f4").tobytes()
-    view = memoryview(payload)
-    hashes = tuple(hashlib.sha256(view[i:i + chunk_size]).hexdigest() for i in range(0, len(payload), chunk_size))
+    buffer = state.get("buffer")
+    if buffer is None:
+        buffer = torch.cat([theta.reshape(-1), momentum.reshape(-1)]).to(torch.float32)
+    payload = memoryview(buffer.numpy()).cast("B")
+    hashes = tuple(hashlib.sha256(payload[i:i + chunk_size]).hexdigest() for i in range(0, len(payload), chunk_size))
     manifest = Manifest(run_id, int(state["outer_step"]), theta.numel(), model_sha256([theta]), len(payload),
                         chunk_size, hashes)
     return manifest, payload
@@ -111,20 +137,22 @@ class ChunkServer:
 
     def __init__(self, p2p: P2P, timeout_s: float):
         self.p2p, self.timeout_s = p2p, timeout_s
-        self._held: collections.OrderedDict[str, tuple[Manifest, bytes, bytes]] = collections.OrderedDict()
+        self._held: collections.OrderedDict[str, _Held] = collections.OrderedDict()
+        self.tokenizer: bytes | None = None  # the run's tokenizer.json, for tools that read the model from the swarm
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(CHUNKS, self._serve)
 
-    def hold(self, manifest: Manifest, payload: bytes) -> None:
-        """Start serving ``payload`` under its manifest (call on the network loop)."""
-        self._held[manifest.sha256] = (manifest, manifest.to_bytes(), payload)
+    def hold(self, manifest: Manifest, payload: bytes | memoryview, current: Callable[[], bool] | None = None) -> None:
+        """Start serving ``payload`` under its manifest (call on the network loop). ``current()`` says whether a
+        live payload still holds the state the manifest describes (None: the payload never changes)."""
+        self._held[manifest.sha256] = _Held(manifest, manifest.to_bytes(), payload, current)
         while len(self._held) > self.KEEP:
             self._held.popitem(last=False)
 
-    def chunk_bytes(self, manifest: Manifest, payload: bytes, index: int) -> memoryview:
+    def chunk_bytes(self, manifest: Manifest, payload: bytes | memoryview, index: int) -> bytes:
         """The bytes we send for chunk ``index``; a test subclass overrides this to play a corrupt holder."""
-        return manifest.chunk(payload, index)
+        return bytes(manifest.chunk(payload, index))
 
     async def _serve(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One stream carries any number of requests, one at a time; a bad request ends the stream."""
@@ -135,18 +163,25 @@ class ChunkServer:
                 except WireError:
                     return  # closed, idle or garbage: drop the stream
                 try:
-                    held = self._held.get(field(request, "manifest", str))
-                    if held is None:
-                        raise WireError("manifest not held here (any more)")
-                    manifest, manifest_blob, payload = held
                     op = field(request, "op", str)
+                    if op == "tokenizer":
+                        if self.tokenizer is None:
+                            raise WireError("no tokenizer.json here")
+                        await write_msg(writer, {"size": len(self.tokenizer)})
+                        await write_blob(writer, self.tokenizer)
+                        continue
+                    held = self._held.get(field(request, "manifest", str))
+                    if held is None or held.current is not None and not held.current():
+                        raise WireError("manifest not held here (any more)")
                     if op == "manifest":
-                        blob = manifest_blob
+                        blob = held.manifest_blob
                     elif op == "chunk":
                         index = field(request, "index", int)
-                        if not 0 <= index < len(manifest.chunk_sha256):
+                        if not 0 <= index < len(held.manifest.chunk_sha256):
                             raise WireError(f"chunk index {index} out of range")
-                        blob = self.chunk_bytes(manifest, payload, index)
+                        blob = self.chunk_bytes(held.manifest, held.payload, index)  # a copy, then:
+                        if held.current is not None and not held.current():  # did the state change meanwhile?
+                            raise WireError("manifest not held here (any more)")
                     else:
                         raise WireError(f"unknown op {op!r}")
                 except WireError as e:
@@ -161,6 +196,14 @@ class ChunkServer:
 
 
 @dataclass
+class _Held:
+    manifest: Manifest
+    manifest_blob: bytes
+    payload: bytes | memoryview
+    current: Callable[[], bool] | None
+
+
+@dataclass
 class DownloadStats:
     bytes: int = 0  # payload bytes fetched over the network
     reused_chunks: int = 0  # chunks taken from a local copy instead
@@ -169,14 +212,31 @@ class DownloadStats:
     banned: tuple[str, ...] = ()
 
 
-async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s: float,
-                   local_payload: bytes | None = None, local_manifest: Manifest | None = None,
-                   in_flight: int = REQUESTS_IN_FLIGHT, hints: dict[str, list[str]] | None = None,
+async def download(p2p: P2P, holders: list[str], manifest_sha256: str, run_id: str, numel: int, timeout_s: float,
+                   cap_s: float, local_payload: bytes | memoryview | None = None,
+                   local_manifest: Manifest | None = None, in_flight: int = REQUESTS_IN_FLIGHT,
+                   hints: dict[str, list[str]] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, dict, DownloadStats]:
     """Assemble and verify the state named ``manifest_sha256`` from ``holders`` (peer ids); ``hints``: their
-    addresses, from their liveness records; ``progress(bytes fetched, bytes to fetch)`` after each chunk."""
+    addresses, from their liveness records; ``progress(bytes fetched, bytes to fetch)`` after each chunk.
+
+    The manifest must describe a state of run ``run_id``'s model (``numel`` parameters) before a byte is
+    allocated for it; each stream read waits at most ``timeout_s``, the whole download at most ``cap_s``.
+    DownloadError names in ``blame`` the holders that served a misfit manifest or corrupt data."""
     t0 = time.monotonic()
+    try:
+        return await asyncio.wait_for(_download(p2p, holders, manifest_sha256, run_id, numel, timeout_s, t0,
+                                                local_payload, local_manifest, in_flight, hints, progress), cap_s)
+    except asyncio.TimeoutError:
+        raise DownloadError(f"download not complete within {cap_s:.0f} s") from None
+
+
+async def _download(p2p, holders, manifest_sha256, run_id, numel, timeout_s, t0, local_payload, local_manifest,
+                    in_flight, hints, progress) -> tuple[Manifest, dict, DownloadStats]:
     manifest = await _fetch_manifest(p2p, holders, manifest_sha256, timeout_s, hints)
+    misfit = manifest.misfit(run_id, numel)
+    if misfit is not None:  # every holder of this manifest announced it: all of them stand behind it
+        raise DownloadError(f"refused manifest {manifest_sha256[:12]}: {misfit}", blame=set(holders))
     # torch.empty, not bytearray(size): the kernel zeroes pages as chunks land, not all of them (0.1-0.7 s for
     # 200 MB on a busy 2-core box) before the first request goes out
     backing = torch.empty(manifest.size, dtype=torch.uint8)
@@ -238,22 +298,21 @@ async def download(p2p: P2P, holders: list[str], manifest_sha256: str, timeout_s
             if stream is not None:
                 stream[2].close()
 
-    # round-robin over holders, so the first chunks already spread over all of them
+    # round-robin over holders, so the first chunks already spread over all of them; workers end on their own
+    # (done, banned, or 3 failures), and the caller's cap bounds a pathological trickle
     workers = [asyncio.create_task(worker(h)) for _ in range(in_flight) for h in holders]
-    try:  # workers end on their own (done, banned, or 3 failures); this only bounds a pathological trickle
-        await asyncio.wait_for(asyncio.gather(*workers), timeout_s * (len(todo) + 4))
-    except asyncio.TimeoutError:
-        pass
+    try:
+        await asyncio.gather(*workers)
     finally:
         for task in workers:
             task.cancel()
     if remaining:
         raise DownloadError(f"{len(remaining)} of {len(manifest.chunk_sha256)} chunks could not be fetched "
-                            f"from {len(holders)} holders ({len(banned)} banned for corrupt data)")
+                            f"from {len(holders)} holders ({len(banned)} banned for corrupt data)", blame=banned)
     # every chunk was checked against its sha256 as it landed: no second pass over the payload, and θ's hash was
     # computed meanwhile; the state is a view of the downloaded bytes, not a copy (little-endian fp32, FORMAT)
     if model_hash.hexdigest() != manifest.model_sha256:
-        raise DownloadError("assembled parameters do not match the manifest's model_sha256")
+        raise DownloadError("assembled parameters do not match the manifest's model_sha256", blame=set(holders))
     flat = backing.view(torch.float32)
     state = {"outer_step": manifest.outer_step, "theta_global": flat[:manifest.numel],
              "momentum": flat[manifest.numel:]}
@@ -301,6 +360,24 @@ async def _fetch_manifest(p2p: P2P, holders: list[str], manifest_sha256: str, ti
     raise DownloadError(f"no holder served manifest {manifest_sha256[:12]} ({'; '.join(errors)[:300]})")
 
 
+async def fetch_tokenizer(p2p: P2P, holders: list[str], tokenizer_sha256: str, timeout_s: float,
+                          hints: dict[str, list[str]] | None) -> bytes:
+    """The run's tokenizer.json from any holder whose copy hashes (canonically) to the run's ``tokenizer_sha256``."""
+    for holder in holders:
+        stream = None
+        try:
+            stream = await open_stream(p2p, holder, CHUNKS, timeout_s, hints)
+            blob = await _request(stream, "", "tokenizer", timeout_s, MAX_TOKENIZER_BYTES)
+            if tokenizer_from_json(blob).sha256 == tokenizer_sha256:
+                return blob
+        except Exception as e:
+            log.debug("tokenizer from %s: %s", holder[-6:], e)
+        finally:
+            if stream is not None:
+                stream[2].close()
+    raise DownloadError("no peer served the run's tokenizer.json")
+
+
 async def _request(stream, manifest_sha256: str, op: str, timeout_s: float, max_bytes: int,
                    index: int | None = None) -> bytes:
     _, reader, writer = stream
@@ -315,18 +392,3 @@ async def _request(stream, manifest_sha256: str, op: str, timeout_s: float, max_
     if not 0 <= size <= max_bytes:
         raise WireError(f"reply of {size} bytes exceeds {max_bytes}")
     return await read_blob(reader, size, timeout_s)
-
-
-def choose_manifest(records: dict[str, dict]) -> tuple[dict, list[str]] | None:
-    """From ``<run>/manifest`` records, (record, holder peer ids) of the newest manifest that at least half as
-    many peers hold as the most widely held one: a lone peer claiming a far-ahead step does not win."""
-    groups: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
-    for record in records.values():
-        groups[(record["outer_step"], record["manifest"])].append(record)
-    if not groups:
-        return None
-    most = max(len(holders) for holders in groups.values())
-    eligible = [(key, holders) for key, holders in groups.items() if 2 * len(holders) >= most]
-    _, chosen = max(eligible, key=lambda item: (item[0][0], len(item[1])))
-    return chosen[0], sorted({r["peer"] for r in chosen})
-

@@ -1,4 +1,4 @@
-"""Metrics: one JSON object a line (the contract in shared/DESIGN.md), and short progress lines for people.
+"""Metrics: one JSON object a line (the contract in docs/architecture.md), and short progress lines for people.
 
 Each event is written and flushed at once, so a peer killed mid-run leaves every
 completed event readable and at most the last line torn.
@@ -35,6 +35,11 @@ class Metrics:
                 self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             self.recent[event].append(record)
         return record
+
+    def snapshot(self, event: str) -> list[dict]:
+        """A copy of the recent events of one kind (another thread may be appending meanwhile)."""
+        with self._lock:
+            return list(self.recent.get(event, ()))
 
     def close(self) -> None:
         with self._lock:

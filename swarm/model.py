@@ -1,12 +1,11 @@
 """A small GPT-style causal transformer: pre-norm blocks, learned positions, tied embeddings.
 
-Sized by ``ModelConfig``; every peer builds it from the same seed, so a new run's
-θ_global is the same on every machine before the first outer step.
+The ``gpt`` family, sized by ``ModelConfig``; swarm.architectures builds it (from the run's seed, so a
+new run's θ_global is the same on every machine before the first outer step), computes its loss and
+samples from it, as for every other family.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 import torch.nn as nn
@@ -66,37 +65,3 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``new_tokens`` ids after the (1, T) prompt ``idx``."""
-        for _ in range(new_tokens):
-            logits, _ = self(idx[:, -self.cfg.seq_len:])
-            logits = logits[:, -1, :] / max(temperature, 1e-5)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> GPT:
-    """The run's initial model: identical on every peer for the same config and seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT(cfg, vocab_size)
-
-
-def global_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors that DiLoCo averages, in a fixed order, without tied duplicates."""
-    return list(model.parameters())  # parameters() already yields a tied tensor once
-
-
-def model_sha256(params: list[torch.Tensor]) -> str:
-    """sha256 over the parameters in order, as little-endian fp32 bytes: equal hashes mean equal models."""
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
-    return h.hexdigest()

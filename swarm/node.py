@@ -1,31 +1,42 @@
 """The peer's network side: its DHT, a replica of the DHT's p2pd, and an asyncio loop on a thread.
 
-The training loop stays plain synchronous torch on the main thread; it calls into this
-thread for the few network operations of an outer step, while the loop keeps serving
-other peers (join, all-reduce parts, state downloads) and refreshing our liveness record.
+The training loop stays plain synchronous torch on the main thread; it calls into this thread for
+the few network operations of an outer step (each with a cap, swarm.caps), while the loop keeps
+serving other peers (join, all-reduce parts, state downloads, reachability checks) and refreshing
+our liveness record (swarm.liveness). Status updates from the training thread never wait for the
+network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
 import threading
 import time
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import hivemind
 import torch
 import uvloop
+from multiaddr import Multiaddr
 
+from swarm import caps
+from swarm.adoption import Adoption, Candidate
 from swarm.averaging import Averager, AverageResult
-from swarm.config import SwarmConfig
-from swarm.dht import SwarmDHT
+from swarm.config import ConfigError, SwarmConfig
+from swarm.dht import DHT_TIMEOUT_S, SwarmDHT
 from swarm.identity import Identity
-from swarm.manifest import ChunkServer, DownloadStats, Manifest, choose_manifest, download
+from swarm.liveness import Liveness
+from swarm.manifest import ChunkServer, DownloadStats, Manifest, download
 from swarm.metrics import human_bytes
 from swarm.progress import Progress
+from swarm.reachability import check_reachable, serve_dialback
 
 log = logging.getLogger("swarm")
+
+CALL_TIMEOUT_S = 3 * DHT_TIMEOUT_S  # network calls that are not transfers: a few DHT requests at most
 
 
 class Node:
@@ -33,108 +44,136 @@ class Node:
         """``identity``: the one ``dht`` was started with; without it the node only reads (tools, not members)."""
         self.dht, self.identity = dht, identity
         self.peer_id = dht.peer_id.to_base58()
-        self.status: dict[str, Any] = {"round": 1, "state": "starting"}
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-network", daemon=True)
         self._thread.start()
         self.p2p = self.call(dht.replicate_p2p())
-        self._heartbeat_task = None
-        self.manifest_record: dict | None = None  # what we hold, re-announced with every heartbeat
+        self.liveness: Liveness | None = None
+        self.averager: Averager | None = None
+        self.reachable = True
+        self.instance = os.urandom(8).hex()  # tells this process's records from another's under the same identity
+        self.outer_step_held = 0  # the outer step of the state we serve
 
-    def join_run(self, run_id: str, cfg: SwarmConfig, serve: bool = True) -> None:
-        """Serve this run's protocols (join, all-reduce, chunks) and publish our liveness record; with
-        ``serve=False`` only read the run's records and download from it (a tool, not a member)."""
+    def join_run(self, run_id: str, cfg: SwarmConfig, serve: bool = True, adoption: Adoption | None = None,
+                 reachable: str = "yes", ask: list[str] = ()) -> None:
+        """Serve this run's protocols (join, all-reduce, chunks, reachability checks) and publish our liveness
+        record; with ``serve=False`` only read the run's records and download from it (a tool, not a member).
+
+        ``reachable``: "yes", "no", or "auto" (ask the peers ``ask``, by peer id, to dial us back)."""
         self.cfg = cfg
-        self.sdht = SwarmDHT(self.dht, run_id, self.identity)
+        self.sdht = SwarmDHT(self.dht, run_id, self.identity, cfg.dht_timeout_s)
+        self.liveness = Liveness(self.sdht, cfg.heartbeat_s, self._loop)
         if not serve:
             return
+        if self.identity is None:
+            raise ValueError("a node without an identity cannot serve a run")
+        self._refuse_duplicate_identity()
+        maddrs = [str(m) for m in self.call(self.p2p.get_visible_maddrs())]
+        if reachable == "auto":
+            self.reachable = self.call(check_reachable(self.p2p, ask, maddrs, self.sdht.addresses),
+                                       timeout_s=CALL_TIMEOUT_S)
+        else:
+            self.reachable = reachable == "yes"
         # our addresses travel in our liveness record: peers whose libp2p cannot find us still can dial
-        self.status["maddrs"] = [str(m) for m in self.call(self.p2p.get_visible_maddrs())][:4]
-        self.averager = Averager(self.p2p, self.sdht, self.peer_id, cfg)
+        self.liveness.update(maddrs=maddrs[:4], reachable=self.reachable, instance=self.instance)
+        swarm_is_past = (lambda k, live: adoption.swarm_is_past(k, live, self.outer_step_held)) if adoption else \
+            (lambda k, live: False)
+        self.averager = Averager(self.p2p, self.liveness, self.peer_id, cfg, swarm_is_past)
+        self.averager.matchmaker.reachable = self.reachable
         self.chunk_server = ChunkServer(self.p2p, cfg.allreduce_timeout_s)
         self.call(self.averager.start())
         self.call(self.chunk_server.start())
-        self._heartbeat_task = asyncio.run_coroutine_threadsafe(self._heartbeat(), self._loop)
+        self.call(self.p2p.add_binary_stream_handler("swarm.dialback", serve_dialback))
+        self.call(self._start_liveness())
 
-    def call(self, coro: Coroutine, timeout_s: float | None = None) -> Any:
-        """Run a coroutine on the network thread and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+    def _refuse_duplicate_identity(self) -> None:
+        """ConfigError if another live process heartbeats under our identity (a key file copied to two machines).
+        A record of ours that stops changing is a previous run of this peer that crashed: that is fine."""
+        first = self.call(self.sdht.live_peers()).get(self.peer_id)
+        if first is None:
+            return
+        time.sleep(1.5 * self.cfg.heartbeat_s)
+        again = self.call(self.sdht.live_peers()).get(self.peer_id)
+        if again is not None and again.get("t") != first.get("t"):
+            raise ConfigError(f"another live peer uses this identity ({self.peer_id[-8:]}, as "
+                              f"{str(again.get('name', '?'))[:40]!r}): two peers cannot share one; give each its "
+                              f"own --identity")
 
-    def set_status(self, **fields: Any) -> None:
-        """Update what our liveness record says; published now and at every heartbeat."""
-        self.status.update(fields)
-        self.call(self.sdht.heartbeat(self._record(), self._ttl_s))
+    async def _start_liveness(self) -> None:
+        self.liveness.start()
 
-    def _record(self) -> dict:
-        return {**self.status, "t": round(time.time(), 1)}
+    def call(self, coro: Coroutine, timeout_s: float | None = CALL_TIMEOUT_S) -> Any:
+        """Run a coroutine on the network thread and wait for its result, at most ``timeout_s`` (TimeoutError,
+        and the coroutine is cancelled)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"a network operation took longer than {timeout_s:.0f} s") from None
 
-    @property
-    def _ttl_s(self) -> float:
-        return 3 * self.cfg.heartbeat_s
+    def update_status(self, **fields: Any) -> None:
+        """Change what our liveness record says; it is published in the background (never blocks)."""
+        if self.liveness is not None and self.identity is not None:
+            self.liveness.update(**fields)
 
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                await self.sdht.heartbeat(self._record(), self._ttl_s)
-                if self.manifest_record is not None:
-                    await self.sdht.publish_manifest(self.manifest_record, self._ttl_s)
-            except Exception as e:  # a DHT hiccup must not stop the heartbeat
-                log.debug("heartbeat failed: %s", e)
-            await asyncio.sleep(self.cfg.heartbeat_s)
+    def flush_status(self) -> None:
+        """Store our liveness record now and wait for it (tests, and before anyone must see it)."""
+        self.call(self.sdht.heartbeat(self.liveness.record(), self.liveness.ttl_s))
 
-    def average(self, outer_step: int, delta: torch.Tensor, weight: float, base: str) -> AverageResult:
-        return self.call(self.averager.average(outer_step, delta, weight, base))
+    def training(self, k: int) -> None:
+        """We train round k now: joins for it are acknowledged, and our record says so."""
+        self._loop.call_soon_threadsafe(self.averager.matchmaker.training, k)
 
-    def live_peers(self) -> dict[str, dict]:
-        return self.call(self.sdht.live_peers())
+    def average(self, outer_step: int, delta: torch.Tensor, weight: float, base: str,
+                loss: float = 0.0) -> AverageResult:
+        """The round's all-reduce (swarm.averaging); the averager caps it itself, this call only adds a margin."""
+        cap = caps.round_s(self.cfg, self.averager.codec.size(delta.numel())) + 10
+        return self.call(self.averager.average(outer_step, delta, weight, base, loss), timeout_s=cap)
 
-    def publish(self, manifest: Manifest, payload: bytes) -> None:
-        """Serve this state and announce it under ``<run>/manifest`` (called from the holder thread)."""
-        record = {"peer": self.peer_id, "outer_step": manifest.outer_step, "manifest": manifest.sha256,
-                  "model_sha256": manifest.model_sha256, "size": manifest.size}
+    def live_peers(self, fresh: bool = False) -> dict[str, dict]:
+        """Other live peers' records: the heartbeat's view, or read from the DHT now (``fresh``)."""
+        if fresh or self.liveness.refreshed_at == 0:
+            return dict(self.call(self.liveness.refresh()))
+        return dict(self.liveness.peers)
+
+    def hold(self, manifest: Manifest, payload, current: Callable[[], bool] | None = None) -> None:
+        """Serve this state and announce it in our liveness record (called from the holder thread)."""
+        self.outer_step_held = manifest.outer_step
+        held = {"outer_step": manifest.outer_step, "manifest": manifest.sha256,
+                "model_sha256": manifest.model_sha256, "size": manifest.size}
 
         async def hold_and_announce():
-            self.chunk_server.hold(manifest, payload)
-            self.manifest_record = record
-            await self.sdht.publish_manifest(record, self._ttl_s)
+            self.chunk_server.hold(manifest, payload, current)
+            self.liveness.update(held=held)
 
-        self.call(hold_and_announce(), timeout_s=30)
+        self.call(hold_and_announce())
 
-    def fetch_state_from_swarm(self, newer_than: int, local: tuple[Manifest, bytes] | None = None
-                               ) -> tuple[Manifest, dict, DownloadStats] | None:
-        """Download and verify the newest state the swarm holds if it is newer than ``newer_than`` outer steps;
-        chunks equal to those of ``local`` (manifest, payload) are reused instead of fetched."""
-        for _ in range(4):  # holders publish a few ms apart after each step: let the newest one settle
-            records = self.call(self.sdht.manifests())
-            chosen = choose_manifest(records)
-            if chosen is None or len(chosen[1]) == len(records):
-                break
-            time.sleep(0.5)
-        if chosen is None or chosen[0]["outer_step"] <= newer_than:
-            return None
-        record, holders = chosen
-        # tell the swarm at once which round we will join, so its groups wait for us while we download
-        self.set_status(round=record["outer_step"] + 1, training=record["outer_step"] + 1, state="syncing")
+    def download(self, candidate: Candidate, run_id: str, numel: int,
+                 local: tuple[Manifest, bytes] | None = None) -> tuple[Manifest, dict, DownloadStats]:
+        """Download and verify ``candidate`` from its holders; chunks equal to those of ``local`` (manifest,
+        payload) are reused. DownloadError (with the holders to blame) if it cannot be had or does not fit."""
         local_manifest, local_payload = local if local else (None, None)
-        self.live_peers()  # refreshes the holders' address hints
-        progress = Progress(f"downloading outer step {record['outer_step']} from {len(holders)} peers", None,
-                            _describe_download, unit="B", unit_scale=True)
+        cap = caps.download_s(self.cfg, 8 * numel)
+        progress = Progress(f"downloading outer step {candidate.outer_step} from {len(candidate.holders)} peers",
+                            None, _describe_download, unit="B", unit_scale=True)
         try:
-            return self.call(download(self.p2p, holders, record["manifest"], self.cfg.allreduce_timeout_s,
-                                      local_payload=local_payload, local_manifest=local_manifest,
-                                      hints=self.sdht.addresses, progress=progress.update))
+            return self.call(download(self.p2p, list(candidate.holders), candidate.manifest, run_id, numel,
+                                      self.cfg.allreduce_timeout_s, cap, local_payload=local_payload,
+                                      local_manifest=local_manifest, hints=self.sdht.addresses,
+                                      progress=progress.update), timeout_s=cap + 10)
         finally:
             progress.close()
 
     def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            try:  # tell the swarm at once instead of letting the record expire; the DHT keeps the value that
-                # expires last, so the farewell must outlive the last heartbeat
-                self.status["state"] = "left"
-                self.call(self.sdht.heartbeat(self._record(), self._ttl_s + 1), timeout_s=2)
-            except Exception:
-                pass
+        if not self._thread.is_alive():
+            return  # closed already
+        if self.liveness is not None and self.identity is not None:
+            try:  # tell the swarm at once instead of letting the record expire
+                self.call(self.liveness.stop(), timeout_s=5)
+                self.call(self.liveness.farewell(), timeout_s=5)
+            except Exception as e:
+                log.debug("farewell record not stored: %s", e)
         try:
             self.call(self._shutdown_loop(), timeout_s=5)
         except Exception:
@@ -154,3 +193,16 @@ class Node:
 
 def _describe_download(done: int, total: int, rate: float) -> str:
     return f"{human_bytes(done)} of {human_bytes(total)}, {human_bytes(rate)}/s, {(total - done) / max(rate, 1.0):.0f} s left"
+
+
+def maddr_peer_ids(maddrs: list[Multiaddr]) -> list[str]:
+    """The peer ids at the end of multiaddrs (``.../p2p/<id>``), in order, without repeats."""
+    out = []
+    for m in maddrs:
+        try:
+            pid = m.value_for_protocol("p2p")
+        except Exception:
+            continue
+        if pid and pid not in out:
+            out.append(pid)
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from multiaddr import Multiaddr
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -22,6 +23,16 @@ WRITE_CHUNK_BYTES = 1 << 20
 
 class WireError(RuntimeError):
     """A peer sent something malformed, oversized or nothing at all in time."""
+
+
+# What a remote peer can cause: bad or missing data, a stream it reset or refused, a dial that failed. Anything
+# else raised while talking to a peer is our own failure, and no peer is blamed for it (docs/architecture.md).
+REMOTE_ERRORS = (WireError, asyncio.TimeoutError, ConnectionError, EOFError, asyncio.IncompleteReadError,
+                 P2PDaemonError, P2PHandlerError)
+
+
+def is_remote(error: BaseException) -> bool:
+    return isinstance(error, REMOTE_ERRORS)
 
 
 async def write_msg(writer: asyncio.StreamWriter, message: dict[str, Any]) -> int:

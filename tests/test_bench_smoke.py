@@ -12,7 +12,7 @@ import math
 import pytest
 
 from bench.netns import missing_requirements
-from conftest import run_cli
+from helpers import run_cli
 
 VARIANTS = {"single", "sync", "fp32", "int8", "int8-overlap"}
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from bench.netns import missing_requirements
-from conftest import ROOT, peer_env
+from helpers import ROOT, peer_env
 
 
 @pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")

@@ -16,7 +16,7 @@ from swarm import checkpoint
 from swarm.config import RunConfig
 from swarm.manifest import pack_state
 
-from conftest import ROOT, peer_env
+from helpers import ROOT, peer_env
 
 NUMEL = 300_000  # 2.4 MB payload: several 1 MiB chunks
 CONFIG = RunConfig(run_id="ck-test")
@@ -38,13 +38,13 @@ def test_round_trip_and_keep_last_k(tmp_path):
         saved = save_step(tmp_path, step, keep=2)
         assert saved.outer_step == step and saved.bytes > 8 * NUMEL
     assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step-00000005", "step-00000004"]
-    manifest, payload, state, inner, config = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)
+    manifest, payload, state, inner, config, tokenizer = checkpoint.load_latest(tmp_path, "ck-test", NUMEL)
     expected = state_at(5)
     assert config == CONFIG
     assert manifest.outer_step == 5 and state["outer_step"] == 5
     assert torch.equal(state["theta_global"], expected["theta_global"])
     assert torch.equal(state["momentum"], expected["momentum"])
-    assert inner == {"state": {}, "param_groups": []}
+    assert inner == {"state": {}, "param_groups": []} and tokenizer is None  # a byte run has none
     assert checkpoint.load_latest(tmp_path, "other-run", NUMEL) is None
 
 

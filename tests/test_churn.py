@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def churn(tmp_path, *args: str) -> dict:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from hivemind.proto import crypto_pb2
 
-from conftest import LOOPBACK, ROOT, join_address, peer_env, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, ROOT, join_address, peer_env, run_cli, start_cli, stop, wait_for
 
 UNUSED_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRmh5jauYrrVxUahHrvVbNN54TZW4ppaNabhpPSCYwsQL"
 

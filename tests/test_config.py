@@ -9,7 +9,7 @@ import pytest
 
 from swarm.config import ConfigError, RunConfig, load_profile
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])

@@ -15,7 +15,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
 from swarm.config import ConfigError
 from swarm.dashboard import start_dashboard
 from swarm.metrics import read_events
@@ -88,7 +88,7 @@ def check_status(status: dict, events: list[dict], bob_id: str) -> None:
     assert (status["run_id"], status["profile"], status["inner_steps"]) == ("tiny", "tiny", 20)
     assert status["self"] == {"peer_id": alice_id, "name": "alice"}
     assert len(outer) >= 3
-    assert status["loss_history"] == [{k: e[k] for k in ("outer_step", "loss", "t")} for e in outer]
+    assert status["loss_history"] == [{k: e[k] for k in ("outer_step", "loss", "group_loss", "t")} for e in outer]
     assert status["allreduce_history"] == [
         {k: e[k] for k in ("outer_step", "allreduce_s", "bytes_sent", "bytes_recv", "group_size", "t")} for e in outer]
     assert status["last_bootstrap"] == (bootstraps[-1] if bootstraps else None)

@@ -15,8 +15,10 @@ from swarm import checkpoint
 from swarm.config import SwarmConfig
 from swarm.metrics import read_events
 
-from conftest import LOOPBACK, run_cli
-from test_averaging import NUMEL, close, start_nodes
+import helpers
+from helpers import LOOPBACK, close_all, run_cli
+
+NUMEL = 10_000 + 17
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -46,7 +48,7 @@ def test_a_member_stalled_mid_round_is_dropped_and_not_applied_twice():
     and finish the round between them; when it wakes up, its late work is not applied again."""
     cfg = SwarmConfig(codec="int8", block_size=256, gather_timeout_s=10, join_timeout_s=5, allreduce_timeout_s=3,
                       heartbeat_s=0.5)
-    nodes = start_nodes(3, cfg)
+    nodes = helpers.start_nodes(3, "faults", cfg, round=1, training=1, state="training")
     try:
         stalled = nodes[2]
         deltas = [torch.full((NUMEL,), float(i + 1)) for i in range(3)]
@@ -60,7 +62,7 @@ def test_a_member_stalled_mid_round_is_dropped_and_not_applied_twice():
         stalled.call(stalled.p2p.add_binary_stream_handler("swarm.reduce", stall_then_serve))
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(n.average, 1, d, 1.0, "b" * 64) for n, d in zip(nodes, deltas)]
+            futures = [pool.submit(n.average, 1, d.clone(), 1.0, "b" * 64) for n, d in zip(nodes, deltas)]
             survivors = [f.result() for f in futures[:2]]
             elapsed = time.monotonic() - t0
             late = futures[2].exception()
@@ -70,5 +72,5 @@ def test_a_member_stalled_mid_round_is_dropped_and_not_applied_twice():
         assert torch.allclose(survivors[0].average, torch.full((NUMEL,), 1.5), atol=0.02)  # (1 + 2) / 2
         assert late is not None  # the stalled peer's round failed: it applies nothing and must resynchronise
     finally:
-        close(nodes)
+        close_all(nodes)
 

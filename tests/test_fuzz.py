@@ -18,15 +18,28 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarm.averaging import REDUCE
+from swarm.config import SwarmConfig
 from swarm.manifest import CHUNKS, download, pack_state
 from swarm.matchmaking import JOIN
+from swarm.reachability import DIALBACK
 from swarm.wire import read_msg, write_msg
 
-from test_manifest import the_state, start_nodes
+import helpers
+
+NUMEL = 700_000
+CFG = SwarmConfig(heartbeat_s=0.5, allreduce_timeout_s=10)
+
+
+def start_nodes(n: int) -> list:
+    return helpers.start_nodes(n, "fuzz", CFG, round=1, training=1, state="training")
+
+
+def the_state() -> dict:
+    return helpers.random_state(NUMEL)
 
 CASES = 1500
 TIME_LIMIT_S = 60
-HANDLERS = [JOIN, REDUCE, CHUNKS]
+HANDLERS = [JOIN, REDUCE, CHUNKS, DIALBACK]
 
 
 def random_value(rng: random.Random, depth: int = 0):
@@ -45,7 +58,8 @@ def random_value(rng: random.Random, depth: int = 0):
         return rng.choice(["chunk", "manifest", "0" * 64, 0, 1, -1, 2 ** 31])
     if kind == 6:
         return [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
-    keys = ["op", "manifest", "index", "step", "peer", "w", "base", "group_id", "part", "size", "x"]
+    keys = ["op", "manifest", "index", "step", "peer", "w", "base", "group_id", "part", "size", "x", "attempt", "loss",
+            "reachable", "ports"]
     return {rng.choice(keys): random_value(rng, depth + 1) for _ in range(rng.randrange(0, 6))}
 
 
@@ -70,8 +84,8 @@ def random_message(rng: random.Random) -> bytes:
 def test_handlers_survive_thousands_of_malformed_requests():
     target, attacker, witness = start_nodes(3)
     try:
-        manifest, payload = pack_state("manifest-test", the_state())
-        target.publish(manifest, payload)
+        manifest, payload = pack_state("fuzz", the_state())
+        target.hold(manifest, payload)
         rss_before = psutil.Process().memory_info().rss
         rng = random.Random(1234)
         deadline = time.monotonic() + TIME_LIMIT_S
@@ -105,10 +119,9 @@ def test_handlers_survive_thousands_of_malformed_requests():
         assert answered > 0  # some requests were well-formed enough to get an error reply
 
         # the target still serves a real download and a real all-reduce
-        _, state, _ = witness.call(download(witness.p2p, [target.peer_id], manifest.sha256, 10))
+        _, state, _ = witness.call(download(witness.p2p, [target.peer_id], manifest.sha256, "fuzz", NUMEL, 10, 60))
         assert torch.equal(state["theta_global"], the_state()["theta_global"])
-        for node in (target, witness):
-            node.set_status(round=1, state="training")
+        attacker.close()  # the real all-reduce is between the target and the witness
         with cf.ThreadPoolExecutor(2) as pool:
             a, b = pool.map(lambda n: n.average(1, torch.full((5000,), float(n is target)), 1.0, "c" * 64),
                             [target, witness])
@@ -133,7 +146,8 @@ def test_a_peer_cannot_join_or_contribute_in_another_peers_name():
             finally:
                 writer.close()
 
-        joined = mallory.call(ask(JOIN, {"step": 1, "peer": victim.peer_id, "w": 1.0, "base": "b" * 64}))
+        joined = mallory.call(ask(JOIN, {"step": 1, "attempt": 0, "peer": victim.peer_id, "w": 1.0, "base": "b" * 64,
+                                         "loss": 1.0, "reachable": True}))
         reduced = mallory.call(ask(REDUCE, {"group_id": "g", "peer": victim.peer_id, "part": 0}))
         assert "differs from the join request's" in joined["error"]
         assert "differs from the contribution's" in reduced["error"]

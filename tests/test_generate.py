@@ -1,17 +1,24 @@
-"""``swarm.generate`` on a checkpoint a real peer wrote: text out, and a clear error for a corrupted one."""
+"""``swarm.generate`` on checkpoints written as a peer writes them, for swarm's GPT and a transformers Llama:
+text out, and a clear error for a corrupted one."""
 
 from __future__ import annotations
 
-from conftest import LOOPBACK, run_cli
+import pytest
 
+from helpers import run_cli
+from helpers import corpus_sampler, run_config, save_checkpoint, train
 from swarm import checkpoint
+from swarm.architectures import build_model
 
 
-def test_generate_from_a_trained_checkpoint_and_refuse_a_corrupted_one(tmp_path):
+@pytest.mark.parametrize("profile", ["tiny", "llama-tiny"])
+def test_generate_from_a_trained_checkpoint_and_refuse_a_corrupted_one(tmp_path, profile):
     ck = tmp_path / "ck"
-    trained = run_cli("swarm.peer", "--config", "peers/tiny.toml", "--checkpoint-dir", str(ck), "--max-outer-steps",
-                      "3", *LOOPBACK, timeout=120)
-    assert trained.returncode == 0, trained.stderr
+    cfg = run_config(profile, 256)
+    model = build_model(cfg.model, 256, cfg.train.seed)
+    sampler = corpus_sampler(cfg.model.seq_len, 8)
+    for outer_step in (1, 2, 3):
+        save_checkpoint(ck, cfg, train(model, sampler, steps=20), outer_step)
     out = run_cli("swarm.generate", "--checkpoint", str(ck), "--prompt", "KING:", "--tokens", "80", "--seed", "1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("KING:") and len(out.stdout) >= len("KING:") + 60

@@ -16,7 +16,7 @@ import pytest
 from bench.allreduce import parse_args, run_system
 from bench.netns import Topology, missing_requirements
 from bench.allreduce_worker import pattern
-from conftest import ROOT, wait_for
+from helpers import ROOT, wait_for
 
 pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
 

@@ -1,5 +1,6 @@
-"""DHT records under attack: a run config cannot be overwritten, forged or lone far-ahead manifests lose,
-liveness records speak only for their signer, expire, and a claimed far-ahead round without a model is ignored."""
+"""DHT records under attack: a run config cannot be overwritten, the states a joiner may adopt are chosen by the
+adoption rules, liveness records speak only for their signer, expire, and a claimed far-ahead round without a
+model is ignored."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import time
 
 import torch
 
+from swarm.adoption import Adoption
 from swarm.config import RunConfig, SwarmConfig
 from swarm.dht import RUNS_KEY, SwarmDHT, peers_key, signed_key
-from swarm.manifest import choose_manifest
 
-import conftest
-from conftest import wait_for
-from test_manifest import start_nodes
+import helpers
+from helpers import wait_for
 
 CFG = SwarmConfig(codec="fp32", gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20, heartbeat_s=0.5)
+
+
+def start_nodes(n: int) -> list:
+    return helpers.start_nodes(n, "manifest-test", CFG)
 
 
 def test_a_run_config_cannot_be_overwritten():
@@ -26,7 +30,7 @@ def test_a_run_config_cannot_be_overwritten():
         original = RunConfig(run_id="locked")
         first.call(SwarmDHT(first.dht, "locked").publish_config(original))
         first.call(SwarmDHT(first.dht, "locked").publish_config(original))  # re-publishing the same is fine
-        hijack = dataclasses.replace(original, train=dataclasses.replace(original.train, outer_lr=70.0))
+        hijack = dataclasses.replace(original, train=dataclasses.replace(original.train, outer_lr=7.0))
         attacker = SwarmDHT(second.dht, "locked")
         assert not second.call(attacker.store("locked/config", "config", hijack.to_bytes(), 3600))
         assert not second.call(attacker.store(RUNS_KEY, "locked", hijack.fingerprint, 3600))
@@ -38,24 +42,46 @@ def test_a_run_config_cannot_be_overwritten():
             node.close()
 
 
-def record(peer: str, step: int, manifest: str) -> dict:
-    return {"peer": peer, "outer_step": step, "manifest": manifest, "model_sha256": "0" * 64, "size": 8}
+def holding(step: int, model: str, numel: int = 100, reachable: bool = True) -> dict:
+    """A liveness record that announces a state of ``numel`` parameters at ``step``."""
+    return {"round": step + 1, "training": step + 1, "reachable": reachable,
+            "held": {"outer_step": step, "manifest": model * 64, "model_sha256": model * 64, "size": 8 * numel}}
 
 
-def test_the_newest_manifest_held_by_enough_peers_is_chosen():
-    honest = {f"k{i}".encode(): record(f"p{i}", 6, "a" * 64) for i in range(3)}
-    assert choose_manifest(honest) == (honest[b"k0"], ["p0", "p1", "p2"])
-    liar = {**honest, b"evil": record("mallory", 99, "e" * 64)}
-    assert choose_manifest(liar)[0]["outer_step"] == 6  # one peer far ahead of three does not win
-    moving_on = {**honest, b"k0": record("p0", 7, "b" * 64), b"k1": record("p1", 7, "b" * 64)}
-    assert choose_manifest(moving_on) == (moving_on[b"k0"], ["p0", "p1"])  # the newest step, once most have it
-    assert choose_manifest({}) is None
+def test_the_state_most_live_peers_hold_is_chosen_and_misfits_are_banned():
+    adoption = Adoption("run", 100, "me")
+    honest = {f"p{i}": holding(6, "a") for i in range(3)}
+    assert [(c.outer_step, c.holders) for c in adoption.candidates(honest, 0, "")] == [(6, ("p0", "p1", "p2"))]
+    liars = {**honest, "m1": holding(99, "e"), "m2": holding(99, "e")}
+    assert adoption.candidates(liars, 0, "")[0].outer_step == 6  # two keys far ahead do not outvote three
+    misfit = {**honest, "big": holding(7, "b", numel=10**6), "nat": holding(7, "c", reachable=False)}
+    assert [c.outer_step for c in adoption.candidates(misfit, 0, "")] == [6]  # nobody can dial "nat"
+    assert adoption.banned() == {"big"}  # a size that is not this run's: never considered again
+    fork = {"p0": holding(6, "a"), "p1": holding(6, "b"), "p2": holding(6, "b"), "p3": holding(6, "b")}
+    assert [c.model_sha256[0] for c in adoption.candidates(fork, 6, "a" * 64)] == ["b"]  # 3 against us and p0
+    assert adoption.candidates(fork, 6, "b" * 64) == []  # we are on the majority's fork already
+    tie = {"p0": holding(6, "a"), "p1": holding(6, "b"), "p2": holding(6, "b")}
+    assert adoption.candidates(tie, 6, "a" * 64) == []  # two against two: keep ours
+    assert adoption.candidates({}, 0, "") == []
+
+
+def test_a_peer_with_history_refuses_far_ahead_steps_however_many_keys_serve_them():
+    adoption = Adoption("run", 100, "me")
+    adoption.pace.began(now=0.0)
+    adoption.pace.averaged(5, now=10.0)  # a round took 10 s: at most one step per 5 s is plausible
+    allowed = adoption.pace.allowed_step(now=20.0)
+    assert allowed == 5 + 1 + 2
+    live = {f"m{i}": holding(1000, "e") for i in range(5)} | {"p0": holding(7, "a")}
+    adoption.pace.last_t = time.monotonic() - 10.0  # allowed_step counts on the monotonic clock
+    assert [c.outer_step for c in adoption.candidates(live, 5, "")] == [7]
+    assert not adoption.swarm_is_past(6, {f"m{i}": holding(1000, "e") for i in range(5)}, our_step=5)
 
 
 def test_a_liveness_record_counts_only_for_the_peer_that_signed_it():
     alice, mallory, reader = start_nodes(3)
     try:
-        alice.set_status(name="alice", round=3, training=3, state="training", samples=128, compute_s=2.0)
+        alice.update_status(name="alice", round=3, training=3, state="training", samples=128, compute_s=2.0)
+        alice.flush_status()
         key = signed_key(peers_key("manifest-test"), alice.peer_id)  # where readers look for alice's record
         forged = {"peer": alice.peer_id, "name": "alice", "round": 3, "state": "training", "samples": 10**9}
         # under alice's subkey: mallory's node cannot sign it and every node refuses it
@@ -66,7 +92,7 @@ def test_a_liveness_record_counts_only_for_the_peer_that_signed_it():
         assert mallory.call(mallory.sdht.store(key, alice.peer_id, forged, 30))
         raw = reader.call(reader.sdht.get_subkeys(key))
         assert any(isinstance(v, dict) and v.get("samples") == 10**9 for v in raw.values())  # it is there...
-        live = reader.live_peers()
+        live = reader.live_peers(fresh=True)
         assert live[alice.peer_id]["samples"] == 128 and live[alice.peer_id]["name"] == "alice"
         assert all(rec.get("samples") != 10**9 for rec in live.values())  # ...and no reader counts it
         assert set(live) <= {alice.peer_id, mallory.peer_id, reader.peer_id}
@@ -82,23 +108,25 @@ def test_an_expired_liveness_record_is_ignored():
         stale = writer.sdht.store(key, writer.identity.owner_subkey, {**record, "peer": writer.peer_id}, -5)
         assert not writer.call(stale)  # already expired: no node keeps it
         writer.close()  # stops its heartbeat; its farewell ("left") record hides it at once
-        assert writer.peer_id not in reader.live_peers()
-        short._heartbeat_task.cancel()
+        assert writer.peer_id not in reader.live_peers(fresh=True)
+        short.call(short.liveness.stop())
         short.call(short.sdht.store_signed(peers_key("manifest-test"), {**record, "name": "short"}, ttl_s=2.0))
-        assert reader.live_peers()[short.peer_id]["name"] == "short"
-        wait_for(lambda: short.peer_id not in reader.live_peers(), 15, "the record to expire")
+        assert reader.live_peers(fresh=True)[short.peer_id]["name"] == "short"
+        wait_for(lambda: short.peer_id not in reader.live_peers(fresh=True), 15, "the record to expire")
     finally:
         for node in (short, reader):
             node.close()
 
 
 def test_a_far_ahead_round_claim_without_a_model_does_not_stall_the_swarm():
-    alice, bob, liar = conftest.start_nodes(3, "claims", CFG, round=1, training=1, state="training")
+    alice, bob, liar = helpers.start_nodes(3, "claims", CFG, round=1, training=1, state="training")
     try:
-        liar.set_status(round=10**6, training=10**6)  # "everyone else is stale": nobody holds such a model
+        liar.update_status(round=10**6, training=10**6)  # "everyone else is stale": nobody holds such a model
+        liar.flush_status()
+        alice.live_peers(fresh=True), bob.live_peers(fresh=True)
         deltas = [torch.full((1000,), 1.0), torch.full((1000,), 3.0)]
         with cf.ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(lambda i: (alice, bob)[i].average(1, deltas[i], 1.0, "b" * 64), range(2)))
+            results = list(pool.map(lambda i: (alice, bob)[i].average(1, deltas[i].clone(), 1.0, "b" * 64), range(2)))
         assert [len(r.group.members) for r in results] == [2, 2]
         assert all(torch.equal(r.average, torch.full((1000,), 2.0)) for r in results)
     finally:
@@ -109,14 +137,17 @@ def test_a_far_ahead_round_claim_without_a_model_does_not_stall_the_swarm():
 def test_a_peer_still_averaging_the_last_round_is_waited_for():
     """train.overlap: bob has trained round 2 while his round 1 still averages; alice, done with round 1,
     must wait for him instead of averaging round 2 alone."""
-    alice, bob = conftest.start_nodes(2, "overlap", CFG, round=2, training=2, state="averaging")
+    alice, bob = helpers.start_nodes(2, "overlap", CFG, round=2, training=2, state="averaging")
     try:
-        bob.set_status(round=1, training=2, state="averaging")
+        bob.update_status(round=1, training=2, state="averaging")
+        bob.flush_status()
+        bob.training(2)
+        alice.live_peers(fresh=True)
         with cf.ThreadPoolExecutor(2) as pool:
             first = pool.submit(alice.average, 2, torch.full((1000,), 1.0), 1.0, "b" * 64)
             time.sleep(3)
             assert not first.done()
-            bob.set_status(round=2)  # his round 1 is applied now
+            bob.update_status(round=2)  # his round 1 is applied now
             second = pool.submit(bob.average, 2, torch.full((1000,), 3.0), 1.0, "b" * 64)
             results = [first.result(60), second.result(60)]
         assert [len(r.group.members) for r in results] == [2, 2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
 from swarm.metrics import read_events
 from swarm.status import leaderboard
 

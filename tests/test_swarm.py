@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import LOOPBACK, ROOT, join_address, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, ROOT, join_address, run_cli, start_cli, stop, wait_for
 from swarm.metrics import read_events
 
 
