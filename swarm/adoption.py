@@ -143,22 +143,33 @@ class Adoption:
         return [Candidate(step, manifest, model, tuple(sorted(holders)))
                 for (step, manifest, model), holders in ranked]
 
-    def swarm_is_past(self, k: int, live: dict[str, dict], our_step: int) -> bool:
-        """Whether the swarm finished round ``k`` without us: peers announcing plausible states of step k or
-        later are at least as many as the live peers still at an earlier step, ourselves included."""
+    def swarm_is_past(self, k: int, live: dict[str, dict], our_step: int, our_model: str) -> str | None:
+        """Why round ``k`` is lost for us, or None. Either the swarm finished it without us (peers announcing
+        plausible states of step k or later are at least as many as the live peers still at an earlier step,
+        ourselves included), or we are on a fork: more live peers hold another model of our step than ours."""
         allowed, banned = self.pace.allowed_step(), self.banned()
         with self._lock:
             refused = set(self._refused)
-        ahead = behind = 0
+        ahead, behind, same, others = 0, 1 if our_step < k else 0, 1, collections.Counter()
         for peer, record in live.items():
             held = held_state(record)
             if held is None or peer in banned or held["size"] != self.state_bytes or held["model_sha256"] in refused:
                 continue
-            if held["outer_step"] >= k and (allowed is None or held["outer_step"] <= allowed):
+            step = held["outer_step"]
+            if step >= k and (allowed is None or step <= allowed):
                 ahead += 1
-            elif held["outer_step"] < k:
+            elif step < k:
                 behind += 1
-        return ahead > 0 and ahead >= behind + (our_step < k)
+            if step == our_step:
+                if held["model_sha256"] == our_model:
+                    same += 1
+                else:
+                    others[held["model_sha256"]] += 1
+        if ahead > 0 and ahead >= behind:
+            return f"{ahead} peers hold states of outer step {k} or later"
+        if others and max(others.values()) > same:
+            return f"{max(others.values())} peers hold another model of outer step {our_step} than ours ({same})"
+        return None
 
     def acceptable(self, candidate_loss: float, our_loss: float, margin: float) -> bool:
         """The loss check: a finite loss at most ``margin`` worse than ours."""

@@ -293,6 +293,7 @@ class DiLoCo:
     def _hold(self) -> None:
         """Publish (and maybe save) the state after an outer step, in the background."""
         step = self.outer.outer_step
+        self.node.mark_held(step, self.outer.model_sha256())
         save = bool(self.checkpoint_dir) and step > 0 and step % self.cfg.swarm.checkpoint_every == 0
         self.holder.submit(self.outer.state(), self._local_state() if save else None)
 

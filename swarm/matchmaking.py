@@ -105,7 +105,7 @@ def partition(peers: list[str], k: int, max_group_size: int) -> list[list[str]]:
 
 class Matchmaker:
     def __init__(self, p2p: P2P, liveness: Liveness, peer_id: str, cfg: SwarmConfig,
-                 swarm_is_past: Callable[[int, dict[str, dict]], bool]):
+                 swarm_is_past: Callable[[int, dict[str, dict]], str | None]):
         self.p2p, self.liveness, self.peer_id, self.cfg = p2p, liveness, peer_id, cfg
         self.swarm_is_past = swarm_is_past
         self.reachable = True
@@ -153,11 +153,7 @@ class Matchmaker:
         g = _Gathering(k, attempt, float(weight), base, float(loss), self.reachable)
         self._gatherings[k] = g
         deadline = time.monotonic() + self.cfg.gather_timeout_s + self.cfg.join_timeout_s
-        if time.monotonic() - self.liveness.refreshed_at > self.cfg.heartbeat_s / 2:
-            try:  # who is in this round decides who leads it: decide on a fresh view
-                await self.liveness.refresh()
-            except Exception as e:
-                log.debug("round %d: view refresh failed: %s", k, e)
+        await self._refresh_quietly(k)  # who is in this round decides who leads it and whom it waits for
         skipped: set[str] = set()  # peers that told us they do not lead this round, or could not be reached
         redirect: str | None = None  # the leader a peer named instead of itself
         while True:
@@ -194,11 +190,19 @@ class Matchmaker:
                 raise AveragingError(f"round {k}: no leader answered within "
                                      f"{self.cfg.gather_timeout_s + self.cfg.join_timeout_s:.0f} s")
 
+    async def _refresh_quietly(self, k: int) -> None:
+        try:
+            await self.liveness.refresh()
+        except Exception as e:  # the DHT is slow: decide on the view we have
+            log.debug("round %d: view refresh failed: %s", k, e)
+
+    def _others_claim_later_rounds(self, k: int) -> bool:
+        return any(isinstance(r.get("round"), int) and r["round"] > k for r in self.liveness.peers.values())
+
     def _check_stale(self, k: int) -> None:
-        live = self.liveness.peers
-        ahead = [p for p, rec in live.items() if isinstance(rec.get("round"), int) and rec["round"] > k]
-        if ahead and self.swarm_is_past(k, live):
-            raise StaleRound(f"round {k}: peers {', '.join(sorted(p[-6:] for p in ahead))} are already past it")
+        why = self.swarm_is_past(k, self.liveness.peers)
+        if why is not None:
+            raise StaleRound(f"round {k}: {why}")
 
     async def _lead(self, g: _Gathering, excluded: set[str]) -> Group:
         """Wait for the joins of everyone expected, or until they stop arriving, then answer all with one group."""
@@ -207,10 +211,18 @@ class Matchmaker:
         g.role_decided.set()
         hard = g.ready_t + self.cfg.gather_timeout_s
         next_note, refreshed = g.ready_t + 5, False
+        alone_until = g.ready_t + 2 * self.cfg.heartbeat_s
         while True:
             now = time.monotonic()
             expected = self.expected(k, excluded)
             missing = expected - set(g.joins)
+            if not expected and not g.joins and now < alone_until and self._others_claim_later_rounds(k):
+                # alone, while others say they are past round k: give their states a heartbeat or two to show
+                # up in the view (then the round is stale), instead of forking the model with a solo step
+                await asyncio.sleep(self.cfg.heartbeat_s / 2)
+                await self._refresh_quietly(k)
+                self._check_stale(k)
+                continue
             if not missing or now >= hard:
                 break
             times = [g.ready_t, *g.join_times]
@@ -219,10 +231,7 @@ class Matchmaker:
             if 2 * len(g.joins) > len(expected) and now - max(times) >= quiet:
                 if refreshed:  # joins stopped, and a fresh view still expects the missing ones: close without them
                     break
-                try:  # they may have left, or moved on, since the last heartbeat
-                    await self.liveness.refresh()
-                except Exception as e:  # the DHT is slow: decide on the view we have
-                    log.debug("round %d: view refresh failed: %s", k, e)
+                await self._refresh_quietly(k)  # they may have left, or moved on, since the last heartbeat
                 refreshed = True
                 continue
             if now > next_note:  # say why we are idle
@@ -288,8 +297,8 @@ class Matchmaker:
             await self._answer_join(request, writer)
         except Exception as e:
             reply = {"error": str(e)[:200] or type(e).__name__}
-            if not is_remote(e):
-                log.debug("answering a join failed on our side", exc_info=True)
+            log.debug("join request from %s refused: %s: %s", info.peer_id.to_base58()[-6:], type(e).__name__, e,
+                      exc_info=not is_remote(e))
             try:
                 await write_msg(writer, reply)
             except Exception:

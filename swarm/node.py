@@ -52,7 +52,7 @@ class Node:
         self.averager: Averager | None = None
         self.reachable = True
         self.instance = os.urandom(8).hex()  # tells this process's records from another's under the same identity
-        self.outer_step_held = 0  # the outer step of the state we serve
+        self.outer_step_held, self.model_held = 0, ""  # the outer step and model_sha256 of the state we serve
 
     def join_run(self, run_id: str, cfg: SwarmConfig, serve: bool = True, adoption: Adoption | None = None,
                  reachable: str = "yes", ask: list[str] = ()) -> None:
@@ -76,8 +76,8 @@ class Node:
             self.reachable = reachable == "yes"
         # our addresses travel in our liveness record: peers whose libp2p cannot find us still can dial
         self.liveness.update(maddrs=maddrs[:4], reachable=self.reachable, instance=self.instance)
-        swarm_is_past = (lambda k, live: adoption.swarm_is_past(k, live, self.outer_step_held)) if adoption else \
-            (lambda k, live: False)
+        swarm_is_past = (lambda k, live: adoption.swarm_is_past(k, live, self.outer_step_held, self.model_held)) \
+            if adoption else (lambda k, live: None)
         self.averager = Averager(self.p2p, self.liveness, self.peer_id, cfg, swarm_is_past)
         self.averager.matchmaker.reachable = self.reachable
         self.chunk_server = ChunkServer(self.p2p, cfg.allreduce_timeout_s)
@@ -137,9 +137,13 @@ class Node:
             return dict(self.call(self.liveness.refresh()))
         return dict(self.liveness.peers)
 
+    def mark_held(self, outer_step: int, model_sha256: str) -> None:
+        """The state we hold now (the holder announces it a moment later): what stale-round checks compare with."""
+        self.outer_step_held, self.model_held = outer_step, model_sha256
+
     def hold(self, manifest: Manifest, payload, current: Callable[[], bool] | None = None) -> None:
         """Serve this state and announce it in our liveness record (called from the holder thread)."""
-        self.outer_step_held = manifest.outer_step
+        self.outer_step_held, self.model_held = manifest.outer_step, manifest.model_sha256
         held = {"outer_step": manifest.outer_step, "manifest": manifest.sha256,
                 "model_sha256": manifest.model_sha256, "size": manifest.size}
 

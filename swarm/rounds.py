@@ -226,6 +226,7 @@ class Rounds:
 
     def _record(self, outcome: Outcome) -> Outcome:
         self.outcomes.append(outcome)
+        self.node.training(self.training_round)
         self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round)
         return outcome
 

@@ -74,7 +74,16 @@ def test_a_peer_with_history_refuses_far_ahead_steps_however_many_keys_serve_the
     live = {f"m{i}": holding(1000, "e") for i in range(5)} | {"p0": holding(7, "a")}
     adoption.pace.last_t = time.monotonic() - 10.0  # allowed_step counts on the monotonic clock
     assert [c.outer_step for c in adoption.candidates(live, 5, "")] == [7]
-    assert not adoption.swarm_is_past(6, {f"m{i}": holding(1000, "e") for i in range(5)}, our_step=5)
+    assert adoption.swarm_is_past(6, {f"m{i}": holding(1000, "e") for i in range(5)}, 5, "a" * 64) is None
+
+
+def test_a_peer_on_a_minority_fork_knows_it_and_the_majority_does_not_move():
+    adoption = Adoption("run", 100, "me")
+    fork = {"p0": holding(6, "b"), "p1": holding(6, "b"), "p3": holding(6, "b"), "p2": holding(6, "a")}
+    assert "another model of outer step 6" in adoption.swarm_is_past(7, fork, 6, "a" * 64)  # 3 against us and p2
+    assert adoption.swarm_is_past(7, fork, 6, "b" * 64) is None
+    ahead = {"p0": holding(7, "c"), "p1": holding(7, "c"), "p2": holding(6, "a")}
+    assert "outer step 7 or later" in adoption.swarm_is_past(7, ahead, 6, "a" * 64)
 
 
 def test_a_liveness_record_counts_only_for_the_peer_that_signed_it():
