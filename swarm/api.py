@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -57,7 +57,8 @@ class DiLoCo:
     this peer joins late or adopts a newer state, and checkpointed. ``validation``: a
     ``swarm.Validation(batches, loss)`` to score states other peers serve (without it this peer adopts what
     the majority holds). ``data``: (name, sha256) of the data every peer of the run trains on; None, each
-    peer brings its own."""
+    peer brings its own. ``on_joined(dl)`` is called once this peer is in the run, before round 1 waits for
+    ``swarm.min_peers``: the moment to tell others how to join (``dl.join_addresses()``)."""
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, run_id: str | None = None,
                  initial_peers: list[str] | tuple[str, ...] = (), inner_steps: int | None = None,
@@ -68,7 +69,8 @@ class DiLoCo:
                  announce_maddrs: list[str] | tuple[str, ...] = (), identity: str | None = None,
                  checkpoint_dir: str | None = None, metrics_file: str | None = None, name: str | None = None,
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
-                 max_outer_steps: int | None = None, reachable: str = "auto", membership: Membership | None = None):
+                 max_outer_steps: int | None = None, reachable: str = "auto", membership: Membership | None = None,
+                 on_joined: Callable[["DiLoCo"], None] | None = None):
         self.model, self.optimizer, self.scheduler = model, inner_optimizer, scheduler
         self.validation = validation
         if validation is not None and validation.model is None:
@@ -77,6 +79,7 @@ class DiLoCo:
         self.checkpoint_dir, self.metrics_file, self.name = checkpoint_dir, metrics_file, name
         self.dashboard_port, self.dashboard_host = dashboard_port, dashboard_host
         self.max_outer_steps, self.reachable, self.membership = max_outer_steps, reachable, membership
+        self.on_joined = on_joined
         if max_outer_steps is not None and max_outer_steps < 1:
             raise ConfigError("max_outer_steps must be at least 1")
         if reachable not in ("auto", "yes", "no"):
@@ -111,6 +114,11 @@ class DiLoCo:
     def done(self) -> bool:
         """``max_outer_steps`` rounds are trained (the last one may still be averaging)."""
         return self.max_outer_steps is not None and self.rounds.training_round > self.max_outer_steps
+
+    def join_addresses(self) -> list[str]:
+        """Multiaddrs others can pass as ``initial_peers`` to join this run through us, routable ones first."""
+        maddrs = [str(m) for m in self.node.dht.get_visible_maddrs()]
+        return sorted(maddrs, key=lambda m: ("/127.0.0.1/" in m or "/::1/" in m, m))
 
     @property
     def tokens_per_s(self) -> float:
@@ -218,6 +226,8 @@ class DiLoCo:
         log.info("%s %s run %r (%s profile, %.2fM parameters, H=%d) at outer step %d (from %s)", name,
                  "started" if m.is_new else "joined", cfg.run_id, cfg.profile, self.outer.numel / 1e6,
                  cfg.train.inner_steps, self.outer.outer_step, source)
+        if self.on_joined is not None:
+            self.on_joined(self)
         self._wait_for_min_peers()
         self.started = True
         self.adoption.pace.began()
@@ -254,7 +264,7 @@ class DiLoCo:
         at_theta0 = local is None and self.outer.model_sha256() == self.cfg.theta0_sha256
         deadline = time.monotonic() + (0 if at_theta0 or local is not None or self.membership.is_new else THETA0_WAIT_S)
         while True:
-            if not self.membership.is_new and self.rounds.resync(local):
+            if not self.membership.is_new and self.rounds.resync(local, any_step=not at_theta0 and local is None):
                 return "peers"
             if local is not None:
                 self._hold()
@@ -389,12 +399,3 @@ def _to_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
-
-
-def run_join_address(dl: DiLoCo) -> list[str]:
-    """This peer's addresses others can join with, reachable ones first."""
-    maddrs = [str(m) for m in dl.node.dht.get_visible_maddrs()]
-    maddrs.sort(key=lambda m: ("/127.0.0.1/" in m or "/::1/" in m, m))
-    return maddrs
-
-

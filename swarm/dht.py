@@ -246,14 +246,19 @@ class SwarmDHT:
 
     async def live_peers(self) -> dict[str, dict]:
         """peer id -> its latest liveness record (name, round, training, state, reachable, held, samples, ...)."""
-        live = {k: v for k, v in (await self.get_signed(peers_key(self.run_id))).items()
-                if _is_int(v.get("round")) and _is_int(v.get("training", 0)) and v.get("state") != "left"
-                and isinstance(v.get("reachable", True), bool)}
+        return {p: r for p, r in (await self.peer_records()).items() if r.get("state") != "left"}
+
+    async def peer_records(self) -> dict[str, dict]:
+        """Every well-formed liveness record of the run, farewells ("state": "left") included."""
+        records = {k: v for k, v in (await self.get_signed(peers_key(self.run_id))).items()
+                   if _is_int(v.get("round")) and _is_int(v.get("training", 0))
+                   and isinstance(v.get("reachable", True), bool)}
+        live = {k: v for k, v in records.items() if v.get("state") != "left"}
         for peer, record in live.items():
             maddrs = record.get("maddrs")
             if isinstance(maddrs, list) and all(isinstance(m, str) and len(m) < 256 for m in maddrs[:4]):
                 self.addresses[peer] = maddrs[:4]
-        return live
+        return records
 
 
 def _is_int(value) -> bool:

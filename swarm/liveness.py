@@ -23,6 +23,11 @@ log = logging.getLogger("swarm")
 URGENT = ("round", "training", "state", "held", "reachable", "maddrs")  # fields others act on
 
 
+def _seen_within(record: dict, now: float, ttl_s: float) -> bool:
+    t = record.get("t")
+    return isinstance(t, (int, float)) and now - t < ttl_s
+
+
 class Liveness:
     def __init__(self, sdht: SwarmDHT, heartbeat_s: float, loop: asyncio.AbstractEventLoop):
         self.sdht, self.heartbeat_s, self.loop = sdht, heartbeat_s, loop
@@ -66,9 +71,15 @@ class Liveness:
             self._task = None
 
     async def refresh(self) -> dict[str, dict]:
-        """Read everyone's records now (a round about to close wants the freshest view)."""
+        """Read everyone's records now (a round about to close wants the freshest view). A DHT read can miss a
+        record that is still current: a peer stays in the view until its last record expires or it says
+        farewell."""
         me = self.sdht.identity.peer_id if self.sdht.identity is not None else None
-        self.peers = {p: r for p, r in (await self.sdht.live_peers()).items() if p != me}
+        records = await self.sdht.peer_records()
+        now = time.time()
+        fresh = {p: r for p, r in records.items() if p != me and r.get("state") != "left"}
+        kept = {p: r for p, r in self.peers.items() if p not in records and _seen_within(r, now, self.ttl_s)}
+        self.peers = {**kept, **fresh}
         self.refreshed_at = time.monotonic()
         self.changed.set()
         self.changed = asyncio.Event()

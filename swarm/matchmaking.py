@@ -114,6 +114,7 @@ class Matchmaker:
         self._silent_leaders: set[str] = set()  # peers that did not acknowledge a join: never tried again first
         self._training = 1  # the round we train now (joins for it are acknowledged before we are ready)
         self._training_since = time.monotonic()
+        self._last_group: tuple[int, set[str]] = (0, set())  # the round we last averaged, and with whom
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(JOIN, self._serve_join)
@@ -122,19 +123,24 @@ class Matchmaker:
         self._training, self._training_since = k, time.monotonic()
 
     def close_round(self, outer_step: int, members: tuple[str, ...] = ()) -> None:
-        """The round was applied: forget it, and tell late joiners they are stale. Members proved responsive."""
+        """The round was applied: forget it, and tell late joiners they are stale. Members proved responsive, and
+        are expected in the next round even before their records say so."""
         self._closed_through = max(self._closed_through, outer_step)
         self._gatherings.pop(outer_step, None)
         self._silent_leaders -= set(members)
+        self._last_group = (outer_step, set(members) - {self.peer_id})
 
     def abandon(self, outer_step: int) -> None:
         """The attempt failed: forget it; the round stays open for the next attempt."""
         self._gatherings.pop(outer_step, None)
 
     def expected(self, k: int, excluded: set[str]) -> set[str]:
-        """The other peers we expect in our group of round k."""
+        """The other peers we expect in our group of round k: those whose records say they are in it, and those we
+        just averaged round k-1 with (their records may not say so yet)."""
         live = self.liveness.peers
-        peers = sorted([p for p, rec in live.items() if in_round(rec, k)] + [self.peer_id])
+        last_round, last_members = self._last_group
+        coming = {p for p in last_members if last_round == k - 1 and p in live}
+        peers = sorted({p for p, rec in live.items() if in_round(rec, k)} | coming | {self.peer_id})
         mine = next(g for g in partition(peers, k, self.cfg.max_group_size) if self.peer_id in g)
         return set(mine) - excluded - {self.peer_id}
 

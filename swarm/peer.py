@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from swarm import data as swarm_data
-from swarm.api import DiLoCo, run_join_address
+from swarm.api import DiLoCo
 from swarm.architectures import build_model, causal_lm_loss, parameter_count
 from swarm.cli import run_command
 from swarm.config import ConfigError, RunConfig, load_profile
@@ -146,12 +146,12 @@ def run(args: argparse.Namespace) -> int:
                                                                                          tokenizer.to_json()),
                     checkpoint_dir=args.checkpoint_dir, metrics_file=args.metrics_file, name=args.name,
                     dashboard_port=args.dashboard_port, dashboard_host=args.dashboard_host,
-                    max_outer_steps=args.max_outer_steps, reachable=args.reachable)
+                    max_outer_steps=args.max_outer_steps, reachable=args.reachable,
+                    on_joined=lambda dl: print_join_command(dl, args))
     except BaseException:
         membership.close()
         raise
     with dl:
-        print_join_command(dl, args)
         train(dl, model, optimizer, scheduler, sampler, cfg)
     return 0
 
@@ -198,7 +198,7 @@ def train(dl: DiLoCo, model, optimizer, scheduler, sampler, cfg: RunConfig) -> N
 
 def print_join_command(dl: DiLoCo, args: argparse.Namespace) -> None:
     """What another terminal or machine runs to join: a command that works there as printed."""
-    maddrs = run_join_address(dl)
+    maddrs = dl.join_addresses()
     if not maddrs:
         return
     exe = shutil.which("swarm-peer")

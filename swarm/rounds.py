@@ -230,10 +230,14 @@ class Rounds:
         self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round)
         return outcome
 
-    def resync(self, local: tuple[Manifest, bytes] | None = None) -> bool:
-        """Adopt the swarm's state if one passes the adoption rules (swarm.adoption); False keeps ours."""
+    def resync(self, local: tuple[Manifest, bytes] | None = None, any_step: bool = False) -> bool:
+        """Adopt the swarm's state if one passes the adoption rules (swarm.adoption); False keeps ours.
+        ``any_step``: ours is no state of the run (a joiner whose own θ is not the run's θ_0): take any."""
         live = self.node.live_peers(fresh=True)
-        candidates = self.adoption.candidates(live, self.outer.outer_step, self.outer.model_sha256())
+        if any_step:
+            candidates = self.adoption.candidates(live, -1, "")
+        else:
+            candidates = self.adoption.candidates(live, self.outer.outer_step, self.outer.model_sha256())
         for candidate in candidates[:MAX_CANDIDATES]:
             holders = ", ".join(h[-6:] for h in candidate.holders)
             try:

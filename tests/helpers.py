@@ -131,12 +131,13 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def start_nodes(n: int, run_id: str, cfg: SwarmConfig, **status) -> list[Node]:
-    """n real nodes on loopback, each under its own identity, members of ``run_id``; ``status`` fields
-    (e.g. round=1) are stored in the DHT before the call returns, and every node's view holds the others."""
+def start_nodes(n: int, run_id: str, cfg: SwarmConfig, initial: list[str] = (), **status) -> list[Node]:
+    """n real nodes on loopback (in the DHT of ``initial``, else their own), each under its own identity, members
+    of ``run_id``; ``status`` fields (e.g. round=1) are stored in the DHT before the call returns, and every node's
+    view holds the others."""
     loopback = parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "test")
     identities = [load_identity(None) for _ in range(n)]
-    first = start_dht([], loopback, [], identities[0])
+    first = start_dht(parse_maddrs(list(initial), "test"), loopback, [], identities[0])
     dhts = [first] + [start_dht(first.get_visible_maddrs(), loopback, [], i) for i in identities[1:]]
     nodes = [Node(d, i) for d, i in zip(dhts, identities)]
     for node in nodes:
