@@ -15,7 +15,10 @@ import time
 
 import psutil
 import pytest
+import torch
 from hivemind.proto import crypto_pb2
+
+from swarm.metrics import read_events
 
 from helpers import LOOPBACK, ROOT, join_address, peer_env, run_cli, start_cli, stop, wait_for
 
@@ -111,8 +114,9 @@ def test_joining_with_nothing_to_join_exits_2(tmp_path):
 
 
 def test_ctrl_c_leaves_cleanly_and_stops_p2pd(tmp_path):
-    log = tmp_path / "peer.log"
-    peer = start_cli("swarm.peer", "--config", "peers/tiny.toml", *LOOPBACK, log_path=str(log))
+    log, metrics = tmp_path / "peer.log", tmp_path / "m.jsonl"
+    peer = start_cli("swarm.peer", "--config", "peers/tiny.toml", "--metrics-file", str(metrics), *LOOPBACK,
+                     log_path=str(log))
     wait_for(lambda: "--initial-peers" in log.read_text(), 90, "the join command")
     daemons = [p for p in psutil.Process(peer.pid).children(recursive=True) if "p2pd" in p.name()]
     assert daemons, "the peer should run a p2pd daemon"
@@ -121,3 +125,50 @@ def test_ctrl_c_leaves_cleanly_and_stops_p2pd(tmp_path):
     assert "Traceback" not in log.read_text()
     psutil.wait_procs(daemons, timeout=10)
     assert not any(d.is_running() and d.status() != psutil.STATUS_ZOMBIE for d in daemons)
+    assert read_events(str(metrics), "left")[0]["reason"] == "interrupted"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable GPU")
+def test_cuda_on_a_machine_without_one_exits_2_with_one_line():
+    result = run_cli("swarm.peer", "--config", "tiny", "--device", "cuda", *LOOPBACK)
+    assert_one_line_error(result, 2, "--device cuda: this torch")
+
+
+def test_a_model_that_cannot_fit_is_refused_before_the_network_starts(tmp_path):
+    profile = tmp_path / "huge.toml"
+    profile.write_text("[model]\nn_layer = 200\nn_head = 64\nd_model = 8192\n")
+    result = run_cli("swarm.peer", "--config", str(profile), *LOOPBACK)
+    assert_one_line_error(result, 2, "GiB of memory, and")
+    assert "dial-back" not in result.stdout and "started run" not in result.stdout  # nothing was started
+
+
+def test_a_duplicate_identity_is_named_as_such(tmp_path):
+    key = tmp_path / "shared.key"
+    boot = start_cli("swarm.bootstrap", *LOOPBACK, log_path=str(tmp_path / "boot.log"))
+    first = None
+    try:
+        address = wait_for(lambda: join_address(tmp_path / "boot.log"), 60, "the bootstrap address")
+        first = start_cli("swarm.peer", "--initial-peers", address, "--config", "tiny", "--identity", str(key),
+                          *LOOPBACK, log_path=str(tmp_path / "first.log"))
+        own = wait_for(lambda: join_address(tmp_path / "first.log"), 90, "the first peer's join command")
+        direct = run_cli("swarm.peer", "--initial-peers", own, "--identity", str(key), *LOOPBACK, timeout=90)
+        assert_one_line_error(direct, 2, "it is the identity of the initial peer you named")
+        through = run_cli("swarm.peer", "--initial-peers", address, "--identity", str(key), *LOOPBACK, timeout=90)
+        assert_one_line_error(through, 2, "another live peer uses this identity")
+    finally:
+        if first is not None:
+            assert stop(first) == 0
+        assert stop(boot) == 0
+
+
+def test_a_diverging_run_rolls_back_and_stops_after_three_rounds(tmp_path):
+    """inner_lr = 1000 makes every round's loss NaN: each is rolled back to θ_global (never averaged, published or
+    saved), and the third in a row ends the peer with one line and exit code 1."""
+    profile, ck, metrics = tmp_path / "wild.toml", tmp_path / "ck", tmp_path / "m.jsonl"
+    profile.write_text(open(os.path.join(ROOT, "peers", "tiny.toml")).read().replace("inner_lr = 3e-3", "inner_lr = 1e3"))
+    result = run_cli("swarm.peer", "--config", str(profile), "--checkpoint-dir", str(ck), "--metrics-file",
+                     str(metrics), *LOOPBACK, timeout=120)
+    assert_one_line_error(result, 1, "training diverged in 3 rounds in a row")
+    assert result.stdout.count("diverged (") == 3 and "rolled back to θ_global of outer step 0" in result.stdout
+    assert read_events(str(metrics), "outer") == [] and read_events(str(metrics), "checkpoint") == []
+    assert read_events(str(metrics), "left")[0]["reason"] == "error"

@@ -12,10 +12,11 @@ from swarm.config import ConfigError, RunConfig, load_profile
 from helpers import ROOT
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
-def test_shipped_profiles_load_and_round_trip(name):
-    cfg = load_profile(os.path.join(ROOT, "peers", f"{name}.toml"))
+@pytest.mark.parametrize("name", ["tiny", "small", "llama-tiny", "llama-20m"])
+def test_shipped_profiles_load_by_name_and_round_trip(name):
+    cfg = load_profile(name)  # a built-in profile: package data, found from any directory
     assert cfg.run_id == name and cfg.profile == name
+    assert cfg == load_profile(os.path.join(ROOT, "peers", f"{name}.toml"))
     again = RunConfig.from_bytes(cfg.to_bytes())
     assert again == cfg and again.fingerprint == cfg.fingerprint
 
@@ -33,6 +34,12 @@ def test_run_id_override_and_validation(tmp_path):
     ("[train]\nlearning_rate = 1.0\n", "unknown \\[train\\] keys: learning_rate"),
     ("[swarm]\ncodec = 'zip'\n", "codec must be"),
     ("[model\n", "cannot read config"),
+    ("[train]\nweight_decay = -0.1\n", "weight_decay must be in"),
+    ("[train]\ngrad_clip = -1.0\n", "grad_clip must be >= 0"),
+    ("[train]\nouter_lr = 100.0\n", "outer_lr above 10"),
+    ("[train]\ninner_lr = nan\n", "inner_lr must be a finite number"),
+    ("[swarm]\nmax_group_size = 1\n", "max_group_size must be in"),
+    ("[model]\nfamily = 'hf'\n", "needs config_json"),
 ])
 def test_bad_profiles_fail_with_one_clear_line(tmp_path, body, message):
     path = tmp_path / "bad.toml"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_cli
-from helpers import corpus_sampler, run_config, save_checkpoint, train
+from helpers import (LOOPBACK, corpus_sampler, join_address, run_cli, run_config, save_checkpoint, start_cli, stop,
+                     train, wait_for)
 from swarm import checkpoint
 from swarm.architectures import build_model
+from swarm.metrics import read_events
 
 
 @pytest.mark.parametrize("profile", ["tiny", "llama-tiny"])
@@ -36,3 +37,20 @@ def test_generate_from_a_trained_checkpoint_and_refuse_a_corrupted_one(tmp_path,
                                                   "sha256, first 0)"
     none_left = run_cli("swarm.generate", "--checkpoint", str(ck), "--prompt", "KING:")
     assert none_left.returncode == 2 and "no checkpoint that verifies" in none_left.stderr
+
+
+def test_generate_from_the_swarm_downloads_the_model_the_peers_hold(tmp_path):
+    """--initial-peers: a read-only node (no identity, no liveness record of its own) fetches the state most live
+    peers hold, verified, and samples from it."""
+    log, metrics = tmp_path / "peer.log", tmp_path / "m.jsonl"
+    peer = start_cli("swarm.peer", "--config", "tiny", "--metrics-file", str(metrics), *LOOPBACK, log_path=str(log))
+    try:
+        address = wait_for(lambda: join_address(log), 90, "the peer's join command")
+        wait_for(lambda: len(read_events(str(metrics), "outer")) >= 2, 90, "two outer steps")
+        out = run_cli("swarm.generate", "--initial-peers", address, "--prompt", "ROMEO:", "--tokens", "40",
+                      timeout=120)
+    finally:
+        assert stop(peer) == 0, log.read_text()[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ROMEO:") and len(out.stdout) > len("ROMEO:") + 20
+    assert "Traceback" not in out.stderr

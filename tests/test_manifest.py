@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgpack
 import pytest
@@ -168,3 +169,31 @@ def test_malformed_and_oversized_requests_get_errors_and_serving_goes_on(swarm_o
     assert joiner.call(raw_exchange([b"\xff" * 64])) == b""
     _, state, _ = get(joiner, [holder.peer_id], manifest.sha256)  # still serving
     assert torch.equal(state["theta_global"], the_state()["theta_global"])
+
+
+class StallingChunkServer(ChunkServer):
+    """A holder that takes requests and never answers them (a stopped process looks like this from outside)."""
+
+    async def _serve(self, _info, reader, writer):
+        await asyncio.sleep(3600)
+
+
+def test_a_stalled_holder_is_given_up_and_the_others_serve_the_state(swarm_of_four, caplog):
+    caplog.set_level(logging.INFO, logger="swarm")
+    honest, staller, _, joiner = swarm_of_four
+    manifest, payload = pack_state("manifest-test", the_state())
+    stalling = StallingChunkServer(staller.p2p, CFG.allreduce_timeout_s)
+
+    async def swap_in_stalling_server():
+        await staller.p2p.remove_binary_stream_handler(CHUNKS)
+        await stalling.start()
+
+    staller.call(swap_in_stalling_server())
+    honest.hold(manifest, payload)
+    _, state, stats = joiner.call(download(joiner.p2p, [staller.peer_id, honest.peer_id], manifest.sha256,
+                                           "manifest-test", NUMEL, 2, 120), timeout_s=130)
+    assert stats.sources == 1 and torch.equal(state["theta_global"], the_state()["theta_global"])
+    assert f"giving up on holder {staller.peer_id[-6:]} (no data within 2 s)" in caplog.text  # named, passed over
+    with pytest.raises(DownloadError, match="no holder served manifest"):  # the staller alone: a clear failure
+        joiner.call(download(joiner.p2p, [staller.peer_id], manifest.sha256, "manifest-test", NUMEL, 2, 120),
+                    timeout_s=130)

@@ -77,3 +77,25 @@ def test_leaderboard_ranks_and_cleans_untrusted_records():
     assert rows[3] == {"peer_id": "12D3KooWcccccc", "name": "x" * 40, "state": "", "round": 4, "samples": 0,
                        "compute_s": 0, "tokens_per_s": 0, "last_seen": None}
     json.dumps(rows, allow_nan=False)  # what the page parses: no NaN may get through
+
+
+def test_a_run_whose_peers_all_left_does_not_block_plain_joins(tmp_path):
+    """A peer starts a second run ('ghost') in the same DHT and leaves. Its config stays in the DHT for a week,
+    but with no live peer it is not a run to choose from: status and plain joins find the live one."""
+    boot = start_cli("swarm.bootstrap", *LOOPBACK, log_path=str(tmp_path / "boot.log"))
+    try:
+        address = wait_for(lambda: join_address(tmp_path / "boot.log"), 60, "the bootstrap address")
+        ghost = run_cli("swarm.peer", "--initial-peers", address, "--config", "tiny", "--run-id", "ghost",
+                        "--max-outer-steps", "1", *LOOPBACK, timeout=120)
+        assert ghost.returncode == 0, ghost.stderr[-2000:]
+        live = start_cli("swarm.peer", "--initial-peers", address, "--config", "tiny", "--metrics-file",
+                         str(tmp_path / "live.jsonl"), *LOOPBACK, log_path=str(tmp_path / "live.log"))
+        try:
+            wait_for(lambda: read_events(str(tmp_path / "live.jsonl"), "outer"), 90, "the live run's first step")
+            status = run_cli("swarm.status", "--initial-peers", address, "--json", *LOOPBACK)
+        finally:
+            assert stop(live) == 0
+    finally:
+        assert stop(boot) == 0
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["run_id"] == "tiny"
