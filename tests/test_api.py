@@ -108,3 +108,12 @@ def test_a_round_that_cannot_be_averaged_carries_its_samples_into_the_next(tmp_p
     outer = read_events(str(tmp_path / "m.jsonl"), "outer")
     assert [(e["outer_step"], e["samples"]) for e in outer] == [(1, 2 * INNER_STEPS * SAMPLES)]
     assert not read_events(str(tmp_path / "m.jsonl"), "bootstrap")  # the liar's state was never adopted
+
+
+def test_the_hugging_face_example_trains_as_the_readme_shows(tmp_path):
+    result = subprocess.run([sys.executable, "examples/train_hf.py", "--outer-steps", "2"], capture_output=True,
+                            text=True, timeout=240, env=peer_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "others join with: python examples/train_hf.py --initial-peers /ip4/" in result.stdout
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stderr.splitlines() if "outer step" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]

@@ -171,3 +171,31 @@ def test_overlapped_rounds_keep_both_peers_on_one_model(tmp_path):
         assert peers[0][step]["model_sha256"] == peers[1][step]["model_sha256"]
         assert peers[0][step]["group_size"] == 2 and "wait_s" in peers[0][step]
     assert peers[0][4]["loss"] < peers[0][1]["loss"]
+
+
+def test_two_cli_peers_train_a_transformers_llama(tmp_path):
+    result = run_cli("swarm.launch", "--peers", "2", "--outer-steps", "3", "--config", "llama-tiny", "--workdir",
+                     str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    peers = [outer_by_step(tmp_path / f"peer{i}.jsonl") for i in range(2)]
+    assert sorted(peers[0]) == sorted(peers[1]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert peers[0][step]["model_sha256"] == peers[1][step]["model_sha256"] and peers[0][step]["group_size"] == 2
+    assert peers[0][3]["group_loss"] < peers[0][1]["group_loss"]
+
+
+def test_a_joiner_must_bring_the_runs_data_and_is_told_how(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 2000)
+    log = tmp_path / "a.log"
+    first = start_cli("swarm.peer", "--config", "tiny", "--data", str(data), *LOOPBACK, log_path=str(log))
+    try:
+        address = wait_for(lambda: join_address(log), 90, "the join command")
+        assert f"-m swarm.peer --initial-peers {address} --data {data}" in log.read_text()
+        refused = run_cli("swarm.peer", "--initial-peers", address, *LOOPBACK, timeout=120)  # the embedded corpus
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith("error: run 'tiny' trains on 'data' (")
+        assert "pass the same data (--data)" in refused.stderr
+    finally:
+        assert stop(first) == 0
