@@ -115,5 +115,5 @@ def test_the_hugging_face_example_trains_as_the_readme_shows(tmp_path):
                             text=True, timeout=240, env=peer_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "others join with: python examples/train_hf.py --initial-peers /ip4/" in result.stdout
-    losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stderr.splitlines() if "outer step" in line]
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stderr.splitlines() if ": group " in line]
     assert len(losses) == 2 and losses[1] < losses[0]
