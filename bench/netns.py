@@ -20,6 +20,11 @@ table is empty and the router forwards straight back onto the bridge). Delaying 
 not in a peer's own qdisc, matters: a sender's qdisc that holds packets for 50 ms throttles TCP
 through TCP small queues, which a real WAN does not.
 
+Peers listed in ``nat`` sit behind a home router, as most volunteers' machines do: namespace
+swb-<pid>-h<i> holds the bridge side (198.18.0.<10+i>) and a LAN (198.19.<i>.1/24) where the peer lives
+(198.19.<i>.2); it masquerades outbound connections and drops inbound ones that are not replies
+(iptables, conntrack). Others can only reach such a peer through connections it opened.
+
 Everything lives in our namespaces, so deleting them removes every veth, bridge and TUN device; no
 device or route is ever added to the caller's own namespace.
 """
@@ -64,7 +69,13 @@ def missing_requirements() -> str | None:
 
 
 def peer_addr(i: int) -> str:
+    """Where others reach peer i: its own address, or its home router's for a peer behind NAT."""
     return f"198.18.0.{10 + i}"
+
+
+def lan_addr(i: int) -> str:
+    """Peer i's own address behind its home router (a peer in ``Topology.nat``)."""
+    return f"198.19.{i}.2"
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -158,10 +169,14 @@ class Topology:
     signals are ignored while it tears down, so a second Ctrl-C cannot leave half a network.
     """
 
-    def __init__(self, peers: int, rate_mbit: float, burst_kbyte: int = 256, queue_ms: int = 100):
+    def __init__(self, peers: int, rate_mbit: float, burst_kbyte: int = 256, queue_ms: int = 100,
+                 nat: tuple[int, ...] = ()):
         if peers < 2:
             raise NetnsError("need at least 2 peers")
-        self.peers, self.rate_mbit = peers, rate_mbit
+        if nat and shutil.which("iptables") is None:
+            raise NetnsError("peers behind NAT need the `iptables` command (apt-get install iptables)")
+        self.peers, self.rate_mbit, self.nat = peers, rate_mbit, tuple(nat)
+        self.homes = {i: f"{PREFIX}{os.getpid()}-h{i}" for i in self.nat}
         self.burst_kbyte, self.queue_ms = burst_kbyte, queue_ms
         self.prefix = f"{PREFIX}{os.getpid()}-"
         self.router = self.prefix + "r"
@@ -196,7 +211,7 @@ class Topology:
                 _stop(proc)
             self._procs.clear()
             self._delay_line = None
-            for ns in [*self.namespaces, self.router]:
+            for ns in [*self.namespaces, *self.homes.values(), self.router]:
                 if os.path.exists(f"/run/netns/{ns}"):
                     _kill_namespace(ns)
         finally:
@@ -223,16 +238,44 @@ class Topology:
             _run("ip", "netns", "add", ns)
             _sysctl(ns, "net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.default.accept_redirects=0",
                     "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-            _run("ip", "-n", r, "link", "add", "name", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            public = self.homes.get(i, ns)  # the namespace on the bridge: the peer's own, or its home router
+            if public != ns:
+                _run("ip", "netns", "add", public)
+                _sysctl(public, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1")
+            _run("ip", "-n", r, "link", "add", "name", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns",
+                 public)
             _run("ip", "-n", r, "link", "set", f"v{i}", "master", "br0", "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "addr", "add", f"{peer_addr(i)}/24", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            for space in {ns, public}:
+                _run("ip", "-n", space, "link", "set", "lo", "up")
+            _run("ip", "-n", public, "addr", "add", f"{peer_addr(i)}/24", "dev", "eth0")
+            _run("ip", "-n", public, "link", "set", "eth0", "up")
             for j in range(self.peers):
                 if j != i:
-                    _run("ip", "-n", ns, "route", "add", f"{peer_addr(j)}/32", "via", ROUTER_ADDR)
+                    _run("ip", "-n", public, "route", "add", f"{peer_addr(j)}/32", "via", ROUTER_ADDR)
+            if public != ns:
+                self._build_home(i, ns, public)
             _run("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", *tbf)
             _run("tc", "-n", r, "qdisc", "add", "dev", f"v{i}", "root", *tbf)
+
+    def _build_home(self, i: int, ns: str, home: str) -> None:
+        """Peer i behind a home router: its eth0 on the router's LAN, outbound masqueraded, inbound dropped
+        unless it answers a connection the peer opened."""
+        lan = f"198.19.{i}.1"
+        _run("ip", "-n", home, "link", "add", "name", "lan", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _run("ip", "-n", home, "addr", "add", f"{lan}/24", "dev", "lan")
+        _run("ip", "-n", home, "link", "set", "lan", "up")
+        _run("ip", "-n", ns, "addr", "add", f"{lan_addr(i)}/24", "dev", "eth0")
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", ns, "route", "add", "default", "via", lan)
+        ipt = ["ip", "netns", "exec", home, "iptables"]
+        _run(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE")
+        _run(*ipt, "-A", "FORWARD", "-i", "eth0", "-o", "lan", "-m", "state", "--state", "ESTABLISHED,RELATED",
+             "-j", "ACCEPT")
+        _run(*ipt, "-A", "FORWARD", "-i", "eth0", "-o", "lan", "-j", "DROP")
+
+    def bind_addr(self, i: int) -> str:
+        """The address peer i's processes listen on: its own, which is not the one others see behind NAT."""
+        return lan_addr(i) if i in self.nat else peer_addr(i)
 
     # --- processes --------------------------------------------------------------------------------
 

@@ -116,7 +116,10 @@ class DiLoCo:
         return self.max_outer_steps is not None and self.rounds.training_round > self.max_outer_steps
 
     def join_addresses(self) -> list[str]:
-        """Multiaddrs others can pass as ``initial_peers`` to join this run through us, routable ones first."""
+        """Multiaddrs others can pass as ``initial_peers`` to join this run: ours, routable ones first, or, when
+        nobody can dial us (behind NAT), the entry points we joined through."""
+        if not self.node.reachable and self.membership.initial_peers:
+            return [str(m) for m in self.membership.initial_peers]
         maddrs = [str(m) for m in self.node.dht.get_visible_maddrs()]
         return sorted(maddrs, key=lambda m: ("/127.0.0.1/" in m or "/::1/" in m, m))
 

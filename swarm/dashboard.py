@@ -2,7 +2,9 @@
 
 ``/`` is the page (swarm/static/index.html), ``/api/status`` is exactly what the peer's
 ``get_status`` returns, ``/static/`` holds the page's script, style and the vendored
-charting library (swarm/static/NOTICE), so the page works with no internet.
+charting library (swarm/static/NOTICE), so the page works with no internet. The page names
+everything it loads by a relative URL, so it works under whatever address, port (or path,
+behind a proxy) it is reached by; by default it listens on 127.0.0.1 only (``--dashboard-host``).
 The server runs on the peer's network loop, beside the swarm's protocols, so it does
 little there: files from disk and one ``get_status`` (a DHT read) per poll. Training
 runs on the main thread and never waits for it.
@@ -23,11 +25,20 @@ log = logging.getLogger("swarm")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 NO_CACHE = {"Cache-Control": "no-store"}  # the page and its data change while the run goes on
+# Peer names come from other peers' DHT records: the page puts them in with textContent, and should a script
+# ever slip through anyway, the browser runs none but the peer's own files, and the page loads nothing and
+# talks to nothing else.
+SECURITY = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 async def start_dashboard(port: int, get_status: Callable[[], Awaitable[dict]],
-                          host: str = "0.0.0.0") -> web.AppRunner:
-    """Serve the dashboard on host:port; the caller awaits ``runner.cleanup()`` to stop it.
+                          host: str = "127.0.0.1") -> web.AppRunner:
+    """Serve the dashboard on host:port (``runner.addresses`` lists where it listens); the caller awaits
+    ``runner.cleanup()`` to stop it.
 
     A port already taken is the user's to fix, so it is a ConfigError (one line, exit 2).
     """
@@ -42,7 +53,11 @@ async def start_dashboard(port: int, get_status: Callable[[], Awaitable[dict]],
             log.debug("dashboard status failed: %s", e)
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=503, headers=NO_CACHE)
 
+    async def secure(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(SECURITY)
+
     app = web.Application()
+    app.on_response_prepare.append(secure)
     app.router.add_get("/", page)
     app.router.add_get("/api/status", status)
     app.router.add_static("/static/", STATIC_DIR)
@@ -54,5 +69,5 @@ async def start_dashboard(port: int, get_status: Callable[[], Awaitable[dict]],
         await runner.cleanup()
         if e.errno == errno.EADDRINUSE:
             raise ConfigError(f"--dashboard-port {port} is in use: pick another port") from None
-        raise ConfigError(f"--dashboard-port {port}: cannot listen on {host}: {e.strerror or e}") from None
+        raise ConfigError(f"--dashboard-host {host}: cannot listen there on port {port}: {e.strerror or e}") from None
     return runner

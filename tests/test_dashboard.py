@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.request
 
 import aiohttp
@@ -30,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refused(host: str, port: int) -> bool:
+    """Nothing listens on host:port (the whole of 127.0.0.0/8 is this machine, so 127.0.0.2 is a second
+    local address that a server bound to 127.0.0.1 alone does not answer on)."""
+    with socket.socket() as s:
+        s.settimeout(5)
+        try:
+            s.connect((host, port))
+        except ConnectionRefusedError:
+            return True
+    return False
+
+
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return json.load(reply)
@@ -47,6 +60,11 @@ def consistent_snapshot(url: str, metrics_path) -> tuple[dict, list[dict]] | Non
     steps = [e["outer_step"] for e in events if e["event"] in ("outer", "bootstrap")]
     same = (before["outer_step"], before["loss_history"]) == (after["outer_step"], after["loss_history"])
     return (before, events) if same and steps and before["outer_step"] == max(steps) else None
+
+
+def need_chromium() -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no headless browser at {CHROMIUM} (apt-get install chromium): the page itself was not rendered")
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
@@ -73,6 +91,7 @@ def test_dashboard_shows_the_swarm(tmp_path):
             status, events = wait_for(lambda: consistent_snapshot(url + "api/status", tmp_path / "a.jsonl"), 30,
                                       "a status that matches alice's metrics file")
             check_status(status, events, read_events(str(tmp_path / "b.jsonl"), "joined")[0]["peer"])
+            assert refused("127.0.0.2", port), "without --dashboard-host the page is served on 127.0.0.1 only"
             check_page(url, tmp_path)
         finally:
             assert stop(b) == 0, b_log.read_text()[-3000:]
@@ -102,18 +121,53 @@ def check_status(status: dict, events: list[dict], bob_id: str) -> None:
 
 
 def check_page(url: str, tmp_path) -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no headless browser at {CHROMIUM} (apt-get install chromium): the page itself was not rendered")
+    need_chromium()
     shot = tmp_path / "dashboard.png"
     result = chromium("--window-size=1280,1100", f"--screenshot={shot}", url)
     assert shot.exists() and shot.stat().st_size > 20_000, result.stderr[-2000:]  # a blank page is ~6 kB
     dom = chromium("--dump-dom", url).stdout  # the DOM after the page's script ran
     loss_chart = dom[dom.index('id="loss-chart"'):dom.index('id="allreduce-time-chart"')]
     assert 'class="chart" id="loss-chart"' in dom and "<canvas" in loss_chart, "the loss chart is drawn, not empty"
+    assert legend(dom, "loss-chart") == ["group mean", "this peer"]
+    assert legend(dom, "allreduce-bytes-chart") == ["received", "sent"]
     leaderboard = re.search(r'<tbody id="leaderboard-rows">(.*?)</tbody>', dom, re.S).group(1)
     assert leaderboard.count("<tr") == 2, leaderboard
     ranks = re.findall(r'<tr[^>]*><td class="num">(\d+)</td><td class="name"[^>]*>([^<]+)', leaderboard)
     assert [rank for rank, _ in ranks] == ["1", "2"] and {name for _, name in ranks} == {"alice", "bob"}, ranks
+
+    # the latest round's numbers, as of the moment the page rendered: the peers trained on meanwhile, so the
+    # step they belong to is read from the page and its event from alice's metrics file
+    latest = {key: text(dom, key) for key in ("loss-step", "loss-group", "loss-self", "time-step", "time-s",
+                                              "group-size", "bytes-step", "bytes-sent", "bytes-recv", "bytes-total")}
+    outer = {e["outer_step"]: e for e in read_events(str(tmp_path / "a.jsonl"), "outer")}
+    step = int(latest["loss-step"])
+    assert step >= 3 and latest["time-step"] == latest["bytes-step"] == str(step), latest
+    e = outer[step]
+    assert e["group_loss"] is not None, e  # every member of a group reports its loss, alone or not
+    assert abs(float(latest["loss-self"]) - e["loss"]) <= 0.0005 + 1e-9, (latest, e)  # shown to 3 decimals
+    assert abs(float(latest["loss-group"]) - e["group_loss"]) <= 0.0005 + 1e-9, (latest, e)
+    assert latest["group-size"] == str(e["group_size"]) and latest["time-s"].endswith(" s"), (latest, e)
+    assert abs(float(latest["time-s"][:-2]) - e["allreduce_s"]) <= 0.005 + 1e-9, (latest, e)  # to 2 decimals
+    for key, value in (("bytes-sent", e["bytes_sent"]), ("bytes-recv", e["bytes_recv"]),
+                       ("bytes-total", e["bytes_sent"] + e["bytes_recv"])):
+        assert abs(parse_bytes(latest[key]) - value) <= 0.005 * value, (key, latest[key], value)  # 3 digits
+
+
+def text(dom: str, element_id: str) -> str:
+    """The text of the element with this id in a DOM dump (an element holding text only)."""
+    return re.search(f'id="{element_id}"[^>]*>([^<]*)<', dom).group(1)
+
+
+def legend(dom: str, chart_id: str) -> list[str]:
+    """The series a uPlot chart was drawn with, as its legend names them."""
+    chart = dom[dom.index(f'id="{chart_id}"'):]
+    chart = chart[:chart.index("</table>")]
+    return re.findall(r'<div class="u-label">([^<]*)</div>', chart)
+
+
+def parse_bytes(shown: str) -> float:
+    number, unit = shown.split(" ")
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
 async def fetch_all(port: int, get_status) -> dict[str, tuple[int, str]]:
@@ -140,6 +194,88 @@ def test_page_needs_no_internet_and_survives_a_failing_status():
     assert 'src="static/uPlot.iife.min.js"' in page and "uPlot 1.6.32" in replies["/static/NOTICE"][1]
     code, body = replies["/api/status"]
     assert code == 503 and json.loads(body) == {"error": "TimeoutError: DHT read timed out"}
+
+
+def test_serves_on_the_host_it_is_given_and_nowhere_else():
+    async def check(port: int) -> None:
+        runner = await start_dashboard(port, lambda: None, host="127.0.0.2")
+        try:
+            assert runner.addresses == [("127.0.0.2", port)]
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.2:{port}/") as reply:
+                    assert reply.status == 200 and "<title>swarm dashboard</title>" in await reply.text()
+                    # whatever a peer's record holds, the page runs and loads nothing but the peer's own files
+                    assert reply.headers["Content-Security-Policy"].startswith("default-src 'self';")
+            assert await asyncio.to_thread(refused, "127.0.0.1", port)
+        finally:
+            await runner.cleanup()
+        with pytest.raises(ConfigError, match=f"^--dashboard-host 192.0.2.1: cannot listen there on port {port}: "):
+            await start_dashboard(port, lambda: None, host="192.0.2.1")  # TEST-NET-1: no interface has it
+
+    asyncio.run(check(free_port()))
+
+
+HOSTILE = '<img src=x onerror="document.title=1">'  # a peer name is whatever that peer's record says
+
+
+def fake_status(now: float) -> dict:
+    """A status as swarm.DiLoCo.status gives it: six rounds, the first two logged before group_loss existed, and
+    a peer whose name is markup."""
+    losses = [4.615, 3.9, 3.41, 3.02, 2.81, 2.574]
+    return {
+        "run_id": "tiny", "profile": "tiny", "outer_step": 6, "inner_steps": 20, "tokens_seen": 1500 * 128,
+        "self": {"peer_id": "12D3KooWA", "name": "alice"},
+        "peers": [{"peer_id": "12D3KooWA", "name": "alice", "state": "training", "round": 7, "tokens_per_s": 5100,
+                   "last_seen": now, "samples": 900, "compute_s": 60.0},
+                  {"peer_id": "12D3KooWB", "name": HOSTILE, "state": "averaging", "round": 7, "tokens_per_s": 4000,
+                   "last_seen": now, "samples": 600, "compute_s": 50.0}],
+        "loss_history": [{"outer_step": k, "loss": round(loss + (0.03 if k % 2 else -0.03), 4),
+                          "group_loss": None if k <= 2 else loss, "t": now} for k, loss in enumerate(losses, 1)],
+        "allreduce_history": [{"outer_step": k, "allreduce_s": round(0.04 + 0.01 * k, 3),
+                               "bytes_sent": 1_234_567 + 1000 * k, "bytes_recv": 1_230_000 - 500 * k,
+                               "group_size": 2 if k <= 3 else 3, "t": now} for k in range(1, 7)],
+        "last_bootstrap": None,
+    }
+
+
+def test_page_shows_the_latest_round_and_keeps_names_as_text():
+    need_chromium()
+    reply = {"status": fake_status(time.time())}
+
+    async def get_status() -> dict:
+        if reply["status"] is None:
+            raise TimeoutError("DHT read timed out")
+        return reply["status"]
+
+    async def render(port: int) -> tuple[str, str]:
+        runner = await start_dashboard(port, get_status, host="127.0.0.2")  # not 127.0.0.1: its URLs are relative
+        try:
+            url = f"http://127.0.0.2:{port}/"
+            live = (await asyncio.to_thread(chromium, "--dump-dom", url)).stdout
+            reply["status"] = None
+            down = (await asyncio.to_thread(chromium, "--dump-dom", url)).stdout
+            return live, down
+        finally:
+            await runner.cleanup()
+
+    live, down = asyncio.run(render(free_port()))
+    assert re.search(r"<title>swarm · tiny · step 6</title>", live), live[:500]  # the hostile name's onerror never ran
+    assert {key: text(live, key) for key in ("loss-step", "loss-group", "loss-self")} == {
+        "loss-step": "6", "loss-group": "2.574", "loss-self": "2.544"}
+    assert {key: text(live, key) for key in ("time-step", "time-s", "group-size")} == {
+        "time-step": "6", "time-s": "0.10 s", "group-size": "3"}
+    assert {key: text(live, key) for key in ("bytes-step", "bytes-sent", "bytes-recv", "bytes-total")} == {
+        "bytes-step": "6", "bytes-sent": "1.24 MB", "bytes-recv": "1.23 MB", "bytes-total": "2.47 MB"}
+    assert legend(live, "loss-chart") == ["group mean", "this peer"]
+    assert legend(live, "allreduce-bytes-chart") == ["received", "sent"]
+    assert 'class="chart" id="loss-chart"' in live  # drawn: not marked empty
+    names = re.findall(r'<td class="name"[^>]*>([^<]*)', live)
+    assert names == ["alice", "&lt;img src=x onerror=\"document.title=1\"&gt;"] * 2, names  # swarm, leaderboard
+    assert "<img" not in live
+
+    # the peer stops answering: the page says so and keeps polling
+    assert text(down, "conn") == "no answer from the peer (TimeoutError: DHT read timed out), retrying"
+    assert text(down, "loss-group") == "–"
 
 
 def test_taken_port_is_one_clear_error(tmp_path):

@@ -6,6 +6,7 @@ Needs root and iproute2 (`ip`, `tc`); skipped otherwise.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import pytest
 from bench.allreduce import parse_args, run_system
 from bench.netns import Topology, missing_requirements
 from bench.allreduce_worker import pattern
-from helpers import ROOT, wait_for
+from helpers import ROOT, join_address, peer_env, wait_for
+from swarm.metrics import read_events
 
 pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
 
@@ -97,3 +99,37 @@ def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
     assert not {ns for ns in netns_names() if ns.startswith(prefix)}
     assert links_here() == links_before
     assert not [pid for pid in inside if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="NAT emulation needs iptables (apt-get install iptables)")
+def test_a_peer_behind_nat_averages_through_a_public_one(tmp_path):
+    """Peer 1 sits behind a home router that drops inbound connections. It learns so from the dial-back test,
+    never leads and owns no part of the all-reduce, yet is a member of every group, with identical hashes."""
+    with Topology(peers=2, rate_mbit=100, nat=(1,)) as topo:
+        logs = [tmp_path / f"peer{i}.log" for i in range(2)]
+        metrics = [tmp_path / f"peer{i}.jsonl" for i in range(2)]
+
+        def start(i: int, extra: list[str]):
+            with open(logs[i], "w") as log:
+                return topo.popen(i, [sys.executable, "-m", "swarm.peer", "--host-maddrs",
+                                      f"/ip4/{topo.bind_addr(i)}/tcp/0", "--metrics-file", str(metrics[i]),
+                                      "--name", f"peer{i}", "--max-outer-steps", "4", *extra],
+                                  stdout=log, stderr=subprocess.STDOUT, env=peer_env(), cwd=ROOT)
+
+        profile = tmp_path / "two.toml"  # round 1 waits for both peers
+        profile.write_text(open(f"{ROOT}/peers/tiny.toml").read().replace("[swarm]", "[swarm]\nmin_peers = 2"))
+        public = start(0, ["--config", str(profile)])
+        address = wait_for(lambda: join_address(logs[0]), 90, "the public peer's join command")
+        natted = start(1, ["--initial-peers", address])
+        assert natted.wait(timeout=240) == 0, logs[1].read_text()[-3000:]
+        assert public.wait(timeout=120) == 0, logs[0].read_text()[-3000:]
+    assert "peers cannot dial this peer" in logs[1].read_text()
+    assert "this peer can be dialed" not in logs[1].read_text()
+    assert f"--initial-peers {address}" in logs[1].read_text()  # it tells others the way in it took, not its own
+    events = [{e["outer_step"]: e for e in read_events(str(m), "outer")} for m in metrics]
+    shared = sorted(set(events[0]) & set(events[1]))
+    assert len(shared) >= 3, shared
+    for step in shared:
+        assert events[0][step]["group_size"] == events[1][step]["group_size"] == 2
+        assert events[0][step]["model_sha256"] == events[1][step]["model_sha256"]
+        assert events[1][step]["bytes_sent"] > 0 and events[1][step]["bytes_recv"] > 0

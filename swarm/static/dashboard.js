@@ -49,15 +49,18 @@ function fillRows(tbody, rows) {  // rows: {cls, cells}, each cell a <td> Node o
 const stepAxis = { label: "outer step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], values: (u, v) => v.map(fmtInt) };
 // half a step of margin each side: the first and last bars show whole, and a single point is not a degenerate range
 const stepRange = (u, min, max) => (min == null ? [0, 1] : [min - 0.5, max + 0.5]);
+// bars stand on zero: an axis that starts at the smallest value would make equal-looking bars of 1.00 and 1.01 MB
+const fromZero = (u, min, max) => [0, max > 0 ? max * 1.1 : 1];
+const bars = () => uPlot.paths.bars({ size: [0.6, 40] });
 
-function makeChart(id, series, yValues) {
+function makeChart(id, series, yValues, yRange) {
   const host = $(id);
   const opts = {
     width: host.clientWidth, height: CHART_HEIGHT,
-    scales: { x: { time: false, range: stepRange } },
+    scales: { x: { time: false, range: stepRange }, ...(yRange ? { y: { range: yRange } } : {}) },
     series: [{ label: "outer step" }, ...series],
     axes: [stepAxis, { size: 72, values: (u, v) => v.map(yValues) }],
-    legend: { show: series.length > 1, live: false },  // names only, where there are several lines to tell apart
+    legend: { show: series.length > 1, live: false },  // names only, where there are several series to tell apart
     cursor: { drag: { x: false, y: false } },
   };
   return { host, plot: new uPlot(opts, [[], ...series.map(() => [])], host) };
@@ -68,18 +71,30 @@ function setChart(chart, data) {
   chart.plot.setData(data);
 }
 
+const fmtLoss = (v) => (v == null ? "–" : v.toFixed(3));  // as the peer's log line
+
 const charts = {
+  // The group's mean is the run's loss (what every member's log line says); this peer's own is one term of it,
+  // drawn as a thin line over the group's wide translucent one (they are often close: neither hides the other),
+  // so a peer whose data or hardware makes it lag the group stands out. group_loss is null for rounds logged
+  // before it existed: those steps are a gap in the group's line.
   loss: makeChart("loss-chart", [
-    { label: "loss", stroke: "#2563eb", width: 2, points: { size: 5 } },
+    { label: "group mean", stroke: "rgba(37,99,235,0.6)", width: 5, points: { size: 8 } },
+    { label: "this peer", stroke: "#ea580c", width: 1.5, points: { size: 4 } },
   ], (v) => v.toFixed(2)),
   time: makeChart("allreduce-time-chart", [
-    { label: "all-reduce", stroke: "#0d9488", fill: "rgba(13,148,136,0.35)", paths: uPlot.paths.bars({ size: [0.6, 40] }),
-      points: { show: false } },
-  ], (v) => v.toFixed(2) + " s"),
+    { label: "all-reduce", stroke: "#0d9488", fill: "rgba(13,148,136,0.35)", paths: bars(), points: { show: false } },
+  ], (v) => v.toFixed(2) + " s", fromZero),
+  // In an all-reduce every member sends and receives about the same bytes, so two lines of sent and received
+  // lie on top of each other and one hides the other. Instead each round is one stacked bar whose height is
+  // this peer's whole traffic of the round (sent + received), split into what it sent (bottom) and what it
+  // received (top, so the legend lists it first); the card header gives the latest three numbers. uPlot has
+  // no stacking: the "received" series is drawn first at the full height (sent + received) and "sent" is
+  // drawn over its lower part.
   bytes: makeChart("allreduce-bytes-chart", [
-    { label: "sent", stroke: "#7c3aed", width: 2, points: { size: 5 } },
-    { label: "received", stroke: "#ea580c", width: 2, dash: [6, 4], points: { size: 5 } },
-  ], fmtBytes),
+    { label: "received", stroke: "#f59e0b", fill: "#f59e0b", paths: bars(), points: { show: false } },
+    { label: "sent", stroke: "#7c3aed", fill: "#7c3aed", paths: bars(), points: { show: false } },
+  ], fmtBytes, fromZero),
 };
 
 window.addEventListener("resize", () => {
@@ -99,9 +114,23 @@ function render(s) {
   $("self-name").textContent = s.self.name;
 
   const loss = s.loss_history, ar = s.allreduce_history;
-  setChart(charts.loss, [loss.map((e) => e.outer_step), loss.map((e) => e.loss)]);
+  const group = (e) => e.group_loss ?? null;  // absent or null in rounds logged before it existed
+  setChart(charts.loss, [loss.map((e) => e.outer_step), loss.map(group), loss.map((e) => e.loss)]);
   setChart(charts.time, [ar.map((e) => e.outer_step), ar.map((e) => e.allreduce_s)]);
-  setChart(charts.bytes, [ar.map((e) => e.outer_step), ar.map((e) => e.bytes_sent), ar.map((e) => e.bytes_recv)]);
+  setChart(charts.bytes, [ar.map((e) => e.outer_step), ar.map((e) => e.bytes_sent + e.bytes_recv),
+    ar.map((e) => e.bytes_sent)]);
+
+  // the latest round's numbers, in the card headers: every chart's last point, readable without hovering
+  const lastLoss = loss[loss.length - 1], lastAr = ar[ar.length - 1];
+  $("loss-step").textContent = lastLoss ? fmtInt(lastLoss.outer_step) : "–";
+  $("loss-group").textContent = fmtLoss(lastLoss ? group(lastLoss) : null);
+  $("loss-self").textContent = fmtLoss(lastLoss ? lastLoss.loss : null);
+  for (const id of ["time-step", "bytes-step"]) $(id).textContent = lastAr ? fmtInt(lastAr.outer_step) : "–";
+  $("time-s").textContent = lastAr ? lastAr.allreduce_s.toFixed(2) + " s" : "–";
+  $("group-size").textContent = lastAr ? fmtInt(lastAr.group_size) : "–";
+  $("bytes-sent").textContent = lastAr ? fmtBytes(lastAr.bytes_sent) : "–";
+  $("bytes-recv").textContent = lastAr ? fmtBytes(lastAr.bytes_recv) : "–";
+  $("bytes-total").textContent = lastAr ? fmtBytes(lastAr.bytes_sent + lastAr.bytes_recv) : "–";
 
   const nameCell = (p) => {
     const td = el("td", p.name, "name");
