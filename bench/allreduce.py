@@ -11,13 +11,14 @@ time. Then, for each latency and peer count, the same peers run in turn (fresh p
 swarm.node.Node's averaging with each codec (matchmaking included), gloo's all_reduce of the fp32
 tensor and hivemind's DecentralizedAverager without compression, ``--rounds`` times each.
 
-The figure of merit (shared/DESIGN.md): an all-reduce of S bytes (after compression) among N peers
-on links of B bit/s needs at least 2(N-1)/N * S / B. B is the measured goodput (TCP payload, so
-headers do not count against a system) and the efficiency is bound / all-reduce time: matchmaking
-is timed apart and shown beside it, not hidden in it. Each round's time is its slowest peer's; the
-row shows the median round. Bytes on the wire are each peer's eth0 transmit counter (headers and
-DHT traffic included), averaged over peers. Every result is checked value by value against the
-known weighted mean (bench/allreduce_worker.py); a failed check shows in the last column.
+The figure of merit (docs/architecture.md, "A round, end to end"): an all-reduce of S bytes (after
+compression) among N peers on links of B bit/s needs at least 2(N-1)/N * S / B. B is the measured
+goodput (TCP payload, so headers do not count against a system) and the efficiency is bound /
+all-reduce time: matchmaking is timed apart and shown beside it, not hidden in it. Each round's time
+is its slowest peer's; the row shows the median round. Bytes on the wire are each peer's eth0
+transmit counter (headers and DHT traffic included), averaged over peers. Every result is checked
+value by value against the known weighted mean (bench/allreduce_worker.py); a failed check shows in
+the last column.
 """
 
 from __future__ import annotations

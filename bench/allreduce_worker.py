@@ -218,7 +218,8 @@ class GlooPeer(Peer):
 
 class HivemindPeer(Peer):
     """Stock hivemind DecentralizedAverager, no compression. target_group_size=N with min_group_size=2:
-    min == target can livelock (shared/HIVEMIND.md), so the group sizes it really got are reported.
+    min == target can livelock (docs/architecture.md, "hivemind pitfalls"), so the group sizes it really got
+    are reported.
     The step is split at its trigger, so matchmaking and all-reduce are timed apart."""
 
     def start(self, initial_peers: list[str]) -> dict:

@@ -93,7 +93,8 @@ class Peer:
             tensors, self.dht, prefix=self.args.run_id + "-hivemind", start=True, allow_state_sharing=share,
             target_group_size=2, request_timeout=3.0, next_chunk_timeout=self.args.timeout_s,
             allreduce_timeout=self.args.timeout_s)
-        signal.signal(signal.SIGINT, handler)  # creating an averager ignores SIGINT (shared/HIVEMIND.md)
+        # creating an averager ignores SIGINT (docs/architecture.md, "hivemind pitfalls")
+        signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
         if self.averager is not None:

@@ -22,8 +22,12 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import sys
 import time
+from typing import NamedTuple
+
+import psutil
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--initial-peers", nargs="*", default=[], help="api, rank > 0: rank 0's address")
     p.add_argument("--address-file", help="api, rank 0: write the join address here once the run is started")
     p.add_argument("--metrics-file", help="api: the peer's metrics (JSON lines)")
+    p.add_argument("--quiet-cores", type=float, default=0.1,
+                   help="a step is quiet if other processes used at most this many cores during it")
     p.add_argument("--start-timeout-s", type=float, default=180.0, help="api: how long round 1 waits for the peers")
     return p.parse_args(argv)
 
@@ -96,9 +102,11 @@ def main(argv=None) -> int:
     scheduler = make_scheduler(optimizer, cfg.train)
     sampler = swarm_data.BatchSampler(tokens, cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed + args.rank)
     H, total = cfg.train.inner_steps, args.outer_steps * cfg.train.inner_steps
-    steps: list[tuple[float, float, bool]] = []  # (inner step s, dl.step s, ended a round) per step
+    steps: list[Step] = []
+    clock = CpuClock()
 
     def loop(dl) -> None:
+        busy, own = clock.read()
         for _ in range(total):
             t0 = time.perf_counter()
             x, y = sampler.next_batch()
@@ -109,7 +117,11 @@ def main(argv=None) -> int:
             if dl is not None:
                 dl.step(samples=cfg.train.batch_size, loss=loss, tokens=x.numel())
                 ended = dl.global_step % H == 0
-            steps.append((t1 - t0, time.perf_counter() - t1, ended))
+            t2 = time.perf_counter()
+            (busy_now, own_now), t_read = clock.read(), time.perf_counter()
+            others = max(0.0, (busy_now - busy) - (own_now - own)) / (t_read - t0)
+            busy, own = busy_now, own_now
+            steps.append(Step(t1 - t0, t2 - t1, ended, others))
 
     t_start = time.monotonic()
     if args.mode == "plain":
@@ -133,28 +145,78 @@ def main(argv=None) -> int:
             result["started_s"] = round(time.monotonic() - t_start, 3)
             loop(dl)
             result["outer_steps_applied"] = dl.outer_step
-    result.update(summarize(steps, args.warmup, cfg.train.batch_size * cfg.model.seq_len))
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    result.update(summarize(steps, args.warmup, tokens_per_step))
+    result["quiet"] = summarize(steps, args.warmup, tokens_per_step, max_others=args.quiet_cores)
+    result["quiet_cores"] = args.quiet_cores
     _write(args.out, result)
     return 0
 
 
-def summarize(steps: list[tuple[float, float, bool]], warmup: int, tokens_per_step: int) -> dict:
+class Step(NamedTuple):
+    compute_s: float  # batch, forward, backward, optimizer and scheduler steps
+    dl_step_s: float  # the dl.step call (0 in plain)
+    ended: bool  # that call ended a round: it was the outer step
+    others_cores: float  # cores that processes other than this peer's used meanwhile (steal included)
+
+
+class CpuClock:
+    """Core-seconds the whole machine has been busy (its hypervisor's steal included), and core-seconds this peer's
+    processes (this one, hivemind's DHT process, p2pd) have used: their difference over a step is what other
+    processes took from it."""
+
+    def __init__(self):
+        self.me = psutil.Process()
+        self._known: dict[int, psutil.Process] = {}
+
+    def read(self) -> tuple[float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+        own = sum(self.me.cpu_times()[:2])
+        try:
+            children = self.me.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            try:
+                own += sum(self._known.setdefault(child.pid, child).cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return busy, own
+
+
+def summarize(steps: list[Step], warmup: int, tokens_per_step: int, max_others: float | None = None) -> dict:
     """Throughputs over the steps after the warm-up: whole (everything the loop did), inner-only (everything
-    but the calls that ended a round), compute-only (the inner steps alone, no ``dl.step`` at all)."""
-    timed = steps[warmup:]
-    compute_s = sum(c for c, _, _ in timed)
-    api_s = sum(a for _, a, ended in timed if not ended)
-    outer = [a for _, a, ended in timed if ended]
+    but the calls that ended a round), compute-only (the inner steps alone, no ``dl.step`` at all).
+    ``max_others``: only the steps during which other processes used at most that many cores."""
+    kept = [i for i in range(warmup, len(steps)) if max_others is None or steps[i].others_cores <= max_others]
+    timed = [steps[i] for i in kept]
+    if not timed:
+        return {"timed_steps": 0}
+    compute_s = sum(s.compute_s for s in timed)
+    api_s = sum(s.dl_step_s for s in timed if not s.ended)
+    outer = [s.dl_step_s for s in timed if s.ended]
     tokens = len(timed) * tokens_per_step
-    return {
-        "steps": len(steps), "timed_steps": len(timed), "warmup_steps": min(warmup, len(steps)), "tokens": tokens,
+    # the inner step right after each outer step, against the typical one: what the swarm's background work
+    # after an outer step (the holder hashing and announcing the new state) takes from training
+    after = [steps[i].compute_s for i in kept if i > warmup and steps[i - 1].ended]
+    median = statistics.median(s.compute_s for s in timed)
+    out = {
+        "timed_steps": len(timed), "tokens": tokens,
         "tokens_per_s": tokens / (compute_s + api_s + sum(outer)),
         "inner_tokens_per_s": tokens / (compute_s + api_s),
         "compute_tokens_per_s": tokens / compute_s,
         "api_step_ms": 1000 * api_s / max(1, len(timed) - len(outer)),
-        "outer_steps_timed": len(outer), "outer_s": outer,
-        "step_s": [round(c, 4) for c, _, _ in steps], "dl_step_s": [round(a, 4) for _, a, _ in steps],
+        "outer_steps_timed": len(outer), "outer_s": outer, "median_step_s": median,
+        "after_outer_extra_s": statistics.mean(after) - median if after else None,
+        "others_cores": statistics.mean(s.others_cores for s in timed),
     }
+    if max_others is None:
+        out.update({"steps": len(steps), "warmup_steps": min(warmup, len(steps)),
+                    "step_s": [round(s.compute_s, 4) for s in steps],
+                    "dl_step_s": [round(s.dl_step_s, 4) for s in steps],
+                    "others_cores_by_step": [round(s.others_cores, 3) for s in steps]})
+    return out
 
 
 def _write(path: str, result: dict) -> None:

@@ -94,6 +94,7 @@ class DiLoCo:
         self.node = self.outer = self.rounds = self.holder = self.metrics = None
         self._dashboard = None
         self._last_step_t: float | None = None
+        self._step_s: float | None = None  # seconds per inner step, a moving average (others estimate our pace)
         self.compute_s = 0.0
         self._tokens_per_s: float | None = None
 
@@ -134,19 +135,21 @@ class DiLoCo:
     def step(self, samples: int, loss: float | None = None, tokens: int | None = None) -> Outcome | None:
         """Count one inner step of ``samples`` sequences; at the end of a round average with the swarm and apply
         the outer step to the model. Returns the outcome of a round settled during this call, if any."""
-        now = time.monotonic()
+        k, i = self.rounds.training_round, self.rounds.inner_in_round + 1
         if self._last_step_t is not None:
-            took = now - self._last_step_t
+            took = time.monotonic() - self._last_step_t
             self.compute_s += took
             if tokens and took > 0:
                 rate = tokens / took
                 self._tokens_per_s = rate if self._tokens_per_s is None else 0.9 * self._tokens_per_s + 0.1 * rate
-        k, i = self.rounds.training_round, self.rounds.inner_in_round + 1
+            if i > 1:  # the first step of a round may include the wait for its average
+                self._step_s = took if self._step_s is None else 0.9 * self._step_s + 0.1 * took
         if loss is not None and (i % INNER_EVENT_EVERY == 0 or i == self.cfg.train.inner_steps):
             self.metrics.emit("inner", outer_step=k, inner_step=i, loss=round(float(loss), 4),
                               tokens_per_s=round(self._tokens_per_s or 0))
         self.node.update_status(samples=self.rounds.samples_total + samples, compute_s=round(self.compute_s, 1),
-                                tokens_per_s=round(self._tokens_per_s or 0))
+                                tokens_per_s=round(self._tokens_per_s or 0), inner=i,
+                                step_s=round(self._step_s or 0.0, 4))
         outcome = self.rounds.inner_step_done(samples, loss)
         self._last_step_t = time.monotonic()
         return outcome
@@ -221,7 +224,11 @@ class DiLoCo:
             from swarm.dashboard import start_dashboard
 
             self._dashboard = node.call(start_dashboard(self.dashboard_port, self.status, self.dashboard_host))
-            log.info("dashboard at http://%s:%d/", self.dashboard_host, self.dashboard_port)
+            wildcard = self.dashboard_host in ("0.0.0.0", "::")
+            host = "127.0.0.1" if wildcard else f"[{self.dashboard_host}]" if ":" in self.dashboard_host else \
+                self.dashboard_host
+            log.info("dashboard at http://%s:%d/%s", host, self.dashboard_port,
+                     " (listening on every interface)" if wildcard else "")
         wire = self.node.averager.codec.size(self.outer.numel)
         log.debug("%s", caps.describe(cfg.swarm, wire, 8 * self.outer.numel))
         source = self._initial_state()
@@ -235,7 +242,8 @@ class DiLoCo:
         self.started = True
         self.adoption.pace.began()
         node.training(self.rounds.training_round)
-        node.update_status(round=self.outer.outer_step + 1, training=self.rounds.training_round, state="training")
+        node.update_status(round=self.outer.outer_step + 1, training=self.rounds.training_round, state="training",
+                           inner=self.rounds.inner_in_round)
 
     def _data_fields(self) -> dict:
         if self.data is None:

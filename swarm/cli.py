@@ -1,4 +1,4 @@
-"""Exit codes and one-line errors shared by every command, as shared/DESIGN.md's CLI contract fixes them:
+"""Exit codes and one-line errors shared by every command:
 0 clean, 2 bad arguments, config, data or checkpoint, 3 no initial peer reachable, 1 anything else."""
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class _Pipe:
     def __init__(self):
         self.lock = threading.Lock()
         self.in_flight: set = set()
+        self.sent = 0  # requests sent since the process started (bench.scale reports the rate)
 
     @classmethod
     def of(cls, dht: hivemind.DHT) -> "_Pipe":
@@ -102,6 +103,7 @@ class _Pipe:
             if len(self.in_flight) >= MAX_IN_FLIGHT:
                 raise DHTUnavailable(f"the DHT process has {len(self.in_flight)} requests unanswered")
             future = request()
+            self.sent += 1
             self.in_flight.add(future)
             return future
 
@@ -177,6 +179,11 @@ class SwarmDHT:
             raise ValueError("SwarmDHT: the identity is not the one this DHT node runs under")
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs from its liveness record
         self._pipe = _Pipe.of(dht)
+
+    @property
+    def requests_sent(self) -> int:
+        """Requests this process sent to its DHT (all views of it together)."""
+        return self._pipe.sent
 
     async def _answer(self, future) -> Any:
         try:

@@ -84,6 +84,11 @@ def load_identity(path: str | None) -> Identity:
     return _identity(key, path)
 
 
+def save_identity(identity: Identity, path: str) -> None:
+    """Write ``identity`` in libp2p's file format (what --identity reads), readable by its owner only."""
+    write_atomic(path, _serialize(identity.key), mode=0o600)
+
+
 def identity_file(identity: Identity) -> tuple[str, bool]:
     """A file p2pd can read the identity from, and whether it is a temporary one the caller must remove."""
     if identity.path is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import statistics
 import threading
 import time
 from typing import Any
@@ -26,6 +28,25 @@ URGENT = ("round", "training", "state", "held", "reachable", "maddrs")  # fields
 def _seen_within(record: dict, now: float, ttl_s: float) -> bool:
     t = record.get("t")
     return isinstance(t, (int, float)) and now - t < ttl_s
+
+
+def round_progress(records: dict[str, dict], k: int, inner_steps: int, now: float, ttl_s: float) -> int:
+    """How many of round k's H inner steps the swarm has taken: the median over the live records of the peers
+    that train round k (one already averaging it has taken all H), each projected from its record's time by its
+    own pace (``inner`` and ``step_s``, published every heartbeat). A peer that adopts the swarm's state skips as
+    many, so that it averages in round k's group. Fields of the wrong type or range are ignored, and a few
+    liars move a median no further than the honest records reach."""
+    estimates = []
+    for rec in records.values():
+        t, inner, step_s = rec.get("t"), rec.get("inner"), rec.get("step_s")
+        if rec.get("training") != k or not _seen_within(rec, now, ttl_s):
+            continue
+        if rec.get("state") == "averaging":
+            estimates.append(inner_steps)
+        elif rec.get("state") == "training" and type(inner) is int and 0 <= inner <= inner_steps:
+            pace = step_s if isinstance(step_s, (int, float)) and math.isfinite(step_s) and step_s > 0 else math.inf
+            estimates.append(min(inner_steps, inner + int(max(0.0, now - t) / pace)))
+    return statistics.median_low(estimates) if estimates else 0
 
 
 class Liveness:

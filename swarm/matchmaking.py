@@ -205,6 +205,10 @@ class Matchmaker:
     def _others_claim_later_rounds(self, k: int) -> bool:
         return any(isinstance(r.get("round"), int) and r["round"] > k for r in self.liveness.peers.values())
 
+    def _others_train_earlier_rounds(self, k: int) -> bool:
+        return any(isinstance(r.get("training"), int) and r["training"] < k and r.get("state") != "leaving"
+                   for r in self.liveness.peers.values())
+
     def _check_stale(self, k: int) -> None:
         why = self.swarm_is_past(k, self.liveness.peers)
         if why is not None:
@@ -218,13 +222,18 @@ class Matchmaker:
         hard = g.ready_t + self.cfg.gather_timeout_s
         next_note, refreshed = g.ready_t + 5, False
         alone_until = g.ready_t + 2 * self.cfg.heartbeat_s
+        behind_until = g.ready_t + max(2 * self.cfg.heartbeat_s, g.ready_t - self._training_since)
         while True:
             now = time.monotonic()
             expected = self.expected(k, excluded)
             missing = expected - set(g.joins)
-            if not expected and not g.joins and now < alone_until and self._others_claim_later_rounds(k):
+            if not expected and not g.joins and (now < alone_until and self._others_claim_later_rounds(k) or
+                                                 now < behind_until and self._others_train_earlier_rounds(k)):
                 # alone, while others say they are past round k: give their states a heartbeat or two to show
-                # up in the view (then the round is stale), instead of forking the model with a solo step
+                # up in the view (then the round is stale), instead of forking the model with a solo step. Or
+                # alone while others train an earlier round (peers that started the run beside us, a round
+                # later): give them one round's time to reach this one, so that two lineages meet, and the one
+                # fewer peers hold is found stale, instead of racing apart with one solo step after another
                 await asyncio.sleep(self.cfg.heartbeat_s / 2)
                 await self._refresh_quietly(k)
                 self._check_stale(k)

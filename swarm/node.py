@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable, Coroutine
@@ -51,7 +50,6 @@ class Node:
         self.liveness: Liveness | None = None
         self.averager: Averager | None = None
         self.reachable = True
-        self.instance = os.urandom(8).hex()  # tells this process's records from another's under the same identity
         self.outer_step_held, self.model_held = 0, ""  # the outer step and model_sha256 of the state we serve
 
     def join_run(self, run_id: str, cfg: SwarmConfig, serve: bool = True, adoption: Adoption | None = None,
@@ -75,7 +73,7 @@ class Node:
         else:
             self.reachable = reachable == "yes"
         # our addresses travel in our liveness record: peers whose libp2p cannot find us still can dial
-        self.liveness.update(maddrs=maddrs[:4], reachable=self.reachable, instance=self.instance)
+        self.liveness.update(maddrs=maddrs[:4], reachable=self.reachable)
         swarm_is_past = (lambda k, live: adoption.swarm_is_past(k, live, self.outer_step_held, self.model_held)) \
             if adoption else (lambda k, live: None)
         self.averager = Averager(self.p2p, self.liveness, self.peer_id, cfg, swarm_is_past)

@@ -32,6 +32,7 @@ from swarm.adoption import MAX_CANDIDATES, Adoption
 from swarm.averaging import AverageResult
 from swarm.config import RunConfig
 from swarm.diloco import NonFiniteError, OuterState
+from swarm.liveness import round_progress
 from swarm.manifest import DownloadError, Manifest
 from swarm.matchmaking import AveragingError, StaleRound
 from swarm.metrics import Metrics, human_bytes
@@ -150,14 +151,15 @@ class Rounds:
         weight = self.carried + samples
         self.carried = 0
         snapshot = self.outer.local_snapshot() if self.cfg.train.overlap else None
-        self.node.update_status(state="averaging", samples=self.samples_total)
+        self.node.update_status(state="averaging", samples=self.samples_total, inner=self.cfg.train.inner_steps)
         future = self._pool.submit(self.node.average, k, delta, weight, self.outer.model_sha256(),
                                    0.0 if math.isnan(mean_loss) else mean_loss)
         self.pending = _Pending(k, future, snapshot, mean_loss, weight)
         self.node.training(self.training_round)
         if not self.cfg.train.overlap:
             outcome = self._settle()
-        self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round, state="training")
+        self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round, state="training",
+                                inner=self.inner_in_round)
         return outcome
 
     def _roll_back(self, k: int, samples: int, why: str) -> RolledBack:
@@ -227,7 +229,8 @@ class Rounds:
     def _record(self, outcome: Outcome) -> Outcome:
         self.outcomes.append(outcome)
         self.node.training(self.training_round)
-        self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round)
+        self.node.update_status(round=self.outer.outer_step + 1, training=self.training_round,
+                                inner=self.inner_in_round)
         return outcome
 
     def resync(self, local: tuple[Manifest, bytes] | None = None, any_step: bool = False) -> bool:
@@ -260,7 +263,8 @@ class Rounds:
                     self.adoption.refuse(candidate, f"its validation loss is {theirs:.4f}, ours {ours:.4f}")
                     continue
             self.outer.load(state)
-            self.carried, self.round_samples, self.inner_in_round, self.losses = 0, 0, 0, []
+            self.carried, self.round_samples, self.losses = 0, 0, []
+            self.inner_in_round = self._catch_up()
             self.adoption.pace.adopted(manifest.outer_step)
             self.adoption.pace.began()
             self.hold()
@@ -272,6 +276,16 @@ class Rounds:
                      manifest.outer_step, human_bytes(stats.bytes), stats.sources, stats.reused_chunks, stats.seconds)
             return True
         return False
+
+    def _catch_up(self) -> int:
+        """The inner steps the swarm has already taken in the round we now train (we just adopted its state):
+        we skip them, and average in that round's group with the samples we did train, instead of arriving
+        after the group closed and fetching the swarm's model once more."""
+        k, h = self.training_round, self.cfg.train.inner_steps
+        skip = min(h - 1, round_progress(self.node.live_peers(), k, h, time.time(), 3 * self.cfg.swarm.heartbeat_s))
+        if skip:
+            log.info("%s starts round %d at inner step %d of %d, where the swarm is", self.name, k, skip + 1, h)
+        return skip
 
     def finish(self) -> None:
         """Settle the round still averaging, if any (the last round of a peer that leaves)."""

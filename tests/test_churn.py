@@ -1,6 +1,6 @@
 """Churn: peers SIGKILLed (whole process group) at random instants and restarted, every other outer step.
 
-The short run is part of ``make test``; the full one (4 peers, 12 outer steps) is ``make test-all``.
+Both are slow (``make test-all``): the short run takes 70-120 s on 2 cores, the full one (4 peers, 12 outer steps) more.
 Both run ``python -m bench.churn`` as users would and check its JSON.
 """
 
@@ -25,6 +25,7 @@ def churn(tmp_path, *args: str) -> dict:
     return report
 
 
+@pytest.mark.slow  # 70-120 s on 2 cores; make test-all
 def test_short_churn_run(tmp_path):
     report = churn(tmp_path, "--peers", "3", "--outer-steps", "6", "--inner-steps", "40")
     assert report["kills"] == 2

@@ -13,6 +13,7 @@ import torch
 from swarm.adoption import Adoption
 from swarm.config import RunConfig, SwarmConfig
 from swarm.dht import RUNS_KEY, SwarmDHT, peers_key, signed_key
+from swarm.liveness import round_progress
 
 import helpers
 from helpers import wait_for
@@ -164,3 +165,19 @@ def test_a_peer_still_averaging_the_last_round_is_waited_for():
     finally:
         alice.close()
         bob.close()
+
+
+def test_a_joiner_takes_up_the_round_where_the_median_peer_is_and_liars_cannot_move_it():
+    now, h = 1000.0, 20
+    honest = {"a": {"training": 5, "state": "training", "inner": 8, "step_s": 0.5, "t": now - 1.0},  # 8 + 2
+              "b": {"training": 5, "state": "training", "inner": 12, "step_s": 0.0, "t": now},  # no pace yet: 12
+              "c": {"training": 5, "state": "averaging", "inner": 3, "t": now}}  # done with round 5: 20
+    assert round_progress(honest, 5, h, now, ttl_s=3.0) == 12
+    assert round_progress(honest, 6, h, now, ttl_s=3.0) == 0  # nobody trains round 6 yet
+    liars = {"x": {"training": 5, "state": "training", "inner": 10**9, "step_s": 0.1, "t": now},  # out of range
+             "y": {"training": 5, "state": "training", "inner": "19", "t": now},  # not an int
+             "z": {"training": 5, "state": "training", "inner": True, "t": now},  # a bool is no step count
+             "w": {"training": 5, "state": "training", "inner": 19, "step_s": -1, "t": now - 60}}  # expired
+    assert round_progress({**honest, **liars}, 5, h, now, ttl_s=3.0) == 12
+    one_more = {"v": {"training": 5, "state": "training", "inner": 0, "step_s": 1e-9, "t": now - 2}}  # capped at H
+    assert round_progress({**honest, **one_more}, 5, h, now, ttl_s=3.0) == 12

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
 from swarm.metrics import read_events
 from swarm.status import leaderboard
@@ -79,6 +81,7 @@ def test_leaderboard_ranks_and_cleans_untrusted_records():
     json.dumps(rows, allow_nan=False)  # what the page parses: no NaN may get through
 
 
+@pytest.mark.slow  # ~30 s; make test-all
 def test_a_run_whose_peers_all_left_does_not_block_plain_joins(tmp_path):
     """A peer starts a second run ('ghost') in the same DHT and leaves. Its config stays in the DHT for a week,
     but with no live peer it is not a run to choose from: status and plain joins find the live one."""

@@ -99,7 +99,7 @@ def stop_all(procs, tmp_path) -> None:
     assert "Traceback" not in logs
 
 
-def test_late_joiner_bootstraps_from_three_holders_and_joins_the_next_group(tmp_path):
+def test_late_joiner_bootstraps_from_several_holders_and_joins_the_next_group(tmp_path):
     address, procs = start_swarm(tmp_path, 3)
     try:
         wait_for(lambda: all(len(outer_by_step(tmp_path / f"peer{i}.jsonl")) >= 3 for i in range(3)), 120,
@@ -111,7 +111,8 @@ def test_late_joiner_bootstraps_from_three_holders_and_joins_the_next_group(tmp_
     joined = read_events(str(tmp_path / "peer3.jsonl"), "joined")[0]
     boot = read_events(str(tmp_path / "peer3.jsonl"), "bootstrap")[0]
     assert joined["source"] == "peers" and joined["outer_step"] == boot["outer_step"] >= 3
-    assert boot["verified"] is True and boot["sources"] == 3 and boot["bytes"] > 0 and boot["banned"] == []
+    # chunks came from more than one holder (a third may still be storing the state when the joiner asks)
+    assert boot["verified"] is True and boot["sources"] >= 2 and boot["bytes"] > 0 and boot["banned"] == []
     holders = [outer_by_step(tmp_path / f"peer{i}.jsonl") for i in range(3)]
     assert all(boot["model_sha256"] == h[boot["outer_step"]]["model_sha256"] for h in holders)
     late = outer_by_step(tmp_path / "peer3.jsonl")
