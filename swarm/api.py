@@ -44,6 +44,8 @@ from swarm.validation import Validation
 
 log = logging.getLogger("swarm")
 
+MAX_NAME_CHARS = 64
+
 INNER_EVENT_EVERY = 10  # inner steps between `inner` metrics events
 THETA0_WAIT_S = 30.0  # how long a fresh joiner waits for a holder of θ_0 when its own model differs from it
 
@@ -82,6 +84,8 @@ class DiLoCo:
         self.on_joined = on_joined
         if max_outer_steps is not None and max_outer_steps < 1:
             raise ConfigError("max_outer_steps must be at least 1")
+        if name is not None and not 0 < len(name) <= MAX_NAME_CHARS:
+            raise ConfigError(f"name must be 1 to {MAX_NAME_CHARS} characters (it travels in every liveness record)")
         if reachable not in ("auto", "yes", "no"):
             raise ConfigError(f"reachable must be 'auto', 'yes' or 'no', not {reachable!r}")
         explicit = {"train.inner_steps": inner_steps, "train.outer_lr": outer_lr,
@@ -211,6 +215,7 @@ class DiLoCo:
         self.metrics = Metrics(self.metrics_file, node.peer_id, name)
         node.join_run(cfg.run_id, cfg.swarm, adoption=self.adoption, reachable=self.reachable,
                       ask=maddr_peer_ids(m.initial_peers))
+        node.keep_config(cfg)
         node.update_status(name=name, round=1, training=1, state="joining", samples=0, compute_s=0.0,
                            verifiable=self.validation is not None and not cfg.private_data)
         self.node = node

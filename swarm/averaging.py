@@ -47,6 +47,7 @@ log = logging.getLogger("swarm")
 
 REDUCE = "swarm.reduce"
 CLIP_FACTOR = 4.0  # a contribution may be this many times the median norm of its slice
+WEIGHT_FACTOR = 4.0  # and weigh at most this many times the median weight: the weight is the member's own claim
 HEADER_BYTES = 100  # framing and header per transfer, for the byte counts
 
 __all__ = ["AverageResult", "Averager", "AveragingError", "StaleRound", "chunk_bounds", "part_bounds", "robust_mean"]
@@ -76,19 +77,23 @@ def part_bounds(numel: int, parts: int, block: int) -> list[tuple[int, int]]:
 def robust_mean(contributions: dict[str, tuple[float, torch.Tensor]], clip_factor: float = CLIP_FACTOR
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sample-weighted mean of {peer: (weight, slice)}, each slice's norm clipped to ``clip_factor`` times the
-    lower median norm; returns the mean and {peer: scale} for the clipped ones. Computed by the slice's owner
-    alone, whose encoded result every member applies: its float details need not agree across machines."""
+    lower median norm and each weight to ``WEIGHT_FACTOR`` times the upper median weight (a member that claims
+    10^11 samples would otherwise be the average on its own); returns the mean and {peer: scale} for the clipped
+    ones. Computed by the slice's owner alone, whose encoded result every member applies: its float details need
+    not agree across machines."""
     norms = {p: float(x.norm()) for p, (_, x) in contributions.items()}
     limit = clip_factor * statistics.median_low(norms.values())
-    total = sum(w for w, _ in contributions.values())
+    heaviest = WEIGHT_FACTOR * statistics.median_high(w for w, _ in contributions.values())
+    weights = {p: min(w, heaviest) if len(contributions) > 1 else w for p, (w, _) in contributions.items()}
+    total = sum(weights.values())
     mean = torch.zeros_like(next(iter(contributions.values()))[1])
     clipped = {}
-    for peer, (weight, x) in sorted(contributions.items()):
+    for peer, (_, x) in sorted(contributions.items()):
         scale = 1.0
         if len(contributions) > 1 and norms[peer] > limit > 0:
             scale = limit / norms[peer]
             clipped[peer] = scale
-        mean.add_(x, alpha=weight * scale / total)
+        mean.add_(x, alpha=weights[peer] * scale / total)
     return mean, clipped
 
 

@@ -2,7 +2,7 @@
 
 Transfers of S bytes get S at ``swarm.min_bandwidth_mbit`` (the slowest link a peer may have)
 plus ``swarm.allreduce_timeout_s``; protocol steps get their own timeouts; nothing waits longer
-than ``CEILING_S``. The README's table "How long a peer waits" is this module in words.
+than ``CEILING_S``. docs/architecture.md, "Caps", is this module in words.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One directory per outer step, ``step-00000012/``: ``state.bin`` (the manifest's 
 manifest the peer gossips), ``config.msgpack`` (the run config, so the model can be rebuilt
 from the directory alone), ``tokenizer.json`` (where the run's tokenizer is not the byte one, so that
 ``swarm.generate`` and ``swarm.export`` need nothing else), ``inner.pt`` (this peer's own local state,
-never shared: its inner optimizer, learning-rate scheduler and error-feedback residual). It is
+never shared: its inner optimizer and learning-rate scheduler). It is
 written under a temporary name, every file and the directory fsynced, then renamed into
 place, so a crash at any instant leaves the previous checkpoints intact. Loading verifies
 every chunk and the model hash, and falls back to an older checkpoint with a warning.

@@ -3,8 +3,8 @@
 Tokenizers take one string at a time and hold all of it, so a corpus is encoded (and bpe4k trained) chunk
 by chunk. A chunk ends only at a safe cut, where GPT-2's pre-tokenizer pattern (the byte tokenizer's and
 bpe4k's) starts a new piece anyway, so the chunks' ids are the whole text's; a user's tokenizer.json whose
-pre-tokenizer splits at newlines gets the same guarantee (docs/architecture.md, "Data"). The cuts depend only
-on the text, never on how it arrived, so every peer cuts the same corpus the same way.
+pre-tokenizer splits at newlines gets the same guarantee (docs/architecture.md, "Data and tokenizers"). The cuts
+depend only on the text, never on how it arrived, so every peer cuts the same corpus the same way.
 """
 
 from __future__ import annotations

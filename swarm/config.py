@@ -117,7 +117,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SwarmConfig:
     """How peers meet and average; every value is in seconds unless named otherwise. Every wait a peer does
-    is capped by a value derived from these (swarm.caps, listed in the README)."""
+    is capped by a value derived from these (swarm.caps; docs/architecture.md, "Caps")."""
 
     codec: str = "int8"  # pseudo-gradients on the wire: "int8" (blockwise absmax) or "fp32"
     block_size: int = 1024  # int8 codec elements per scale

@@ -6,8 +6,8 @@ charting library (swarm/static/NOTICE), so the page works with no internet. The 
 everything it loads by a relative URL, so it works under whatever address, port (or path,
 behind a proxy) it is reached by; by default it listens on 127.0.0.1 only (``--dashboard-host``).
 The server runs on the peer's network loop, beside the swarm's protocols, so it does
-little there: files from disk and one ``get_status`` (a DHT read) per poll. Training
-runs on the main thread and never waits for it.
+little there: files from disk and one status snapshot per poll, from the liveness view the
+heartbeat keeps (no DHT read). Training runs on the main thread and never waits for it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ let the run check both), keeps the last 2% of its tokens as held-out validation,
 windows from its own contiguous shard of the rest with its own seed, so peers see different data (as in
 DiLoCo, arXiv 2311.08105, where each worker trains on its own shard). Reading the data is
 ``swarm.sources``' job and turning text into ids ``swarm.tokenizer``'s; this module caches the ids and
-samples them (docs/architecture.md, "Data").
+samples them (docs/architecture.md, "Data and tokenizers").
 """
 
 from __future__ import annotations

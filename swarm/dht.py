@@ -37,9 +37,10 @@ from swarm.identity import Identity, identity_file, load_identity, peer_id_of_ow
 log = logging.getLogger("swarm")
 
 RUNS_KEY = "swarm/runs"  # subkey = run id, value = config fingerprint: how a joiner finds the run
-RECORD_MAX_BYTES = 4096
+RECORD_MAX_BYTES = 4096  # a liveness record; larger ones are not stored by us, nor read from others
 CONFIG_RECORD_MAX_BYTES = 32 * 1024  # a run config with a model signature; far below the 64 KiB that kills a DHT
 CONFIG_TTL_S = 7 * 24 * 3600.0
+CONFIG_REFRESH_S = 24 * 3600.0  # every live peer re-stores the run's config this often: a run outlives the TTL
 DHT_TIMEOUT_S = 10.0  # a DHT request that takes longer failed (swarm.dht_timeout_s in a run)
 MAX_IN_FLIGHT = 64  # unanswered requests to one DHT process: ~20 KB in its pipe, below the 64 KiB that blocks
 # A signed record is about 1 KB (RSA key and signature included), and a DHT read returns all the records of
@@ -216,6 +217,17 @@ class SwarmDHT:
                                   f"data: join it with --initial-peers, or pick another --run-id")
         await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
 
+    async def keep_config(self, cfg: RunConfig) -> None:
+        """Re-store the run's config and its ``swarm/runs`` entry (the same bytes) every CONFIG_REFRESH_S while we
+        are in the run, so that joiners find a run that has gone on for longer than CONFIG_TTL_S."""
+        while True:
+            await asyncio.sleep(CONFIG_REFRESH_S)
+            try:
+                await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S)
+                await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
+            except Exception as e:  # the DHT is slow now: the next day tries again, days before the TTL runs out
+                log.info("could not re-store the run config: %s: %s", type(e).__name__, e)
+
     async def fetch_config(self) -> RunConfig | None:
         records = await self.get_subkeys(config_key(self.run_id))
         blob = records.get("config")
@@ -234,7 +246,10 @@ class SwarmDHT:
         """Our record under ``key`` (in our bucket of it), in the subkey only our identity can write, naming us
         as its ``peer``."""
         peer = self.identity.peer_id
-        return await self.store(signed_key(key, peer), self.identity.owner_subkey, {**value, "peer": peer}, ttl_s)
+        record = {**value, "peer": peer}
+        if len(MSGPackSerializer.dumps(record)) > RECORD_MAX_BYTES:  # a bug of ours: every field we write is bounded
+            raise ValueError(f"our record under {key} is over {RECORD_MAX_BYTES} bytes")
+        return await self.store(signed_key(key, peer), self.identity.owner_subkey, record, ttl_s)
 
     async def get_signed(self, key: str) -> dict[str, dict]:
         """peer id -> record, for the records under ``key`` that their named peer signed itself; a record
@@ -244,7 +259,8 @@ class SwarmDHT:
         for records in buckets:
             for subkey, value in records.items():
                 peer = peer_id_of_owner(subkey)
-                if peer is not None and isinstance(value, dict) and value.get("peer") == peer:
+                if peer is not None and isinstance(value, dict) and value.get("peer") == peer and \
+                        len(MSGPackSerializer.dumps(value)) <= RECORD_MAX_BYTES:
                     out[peer] = value
         return out
 

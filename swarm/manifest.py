@@ -2,9 +2,9 @@
 
 A holder of θ_global at outer step k packs it (with the outer momentum) into one payload,
 cuts it into chunks and describes it by a manifest: sizes and the sha256 of every chunk.
-The DHT carries only a small signed record per holder, ``<run>/manifest`` with the holder's
-RSA key as subkey, naming the manifest by its sha256 (a model's chunk list can outgrow the
-DHT's ~64 KiB value limit); the manifest itself and the chunks travel over our own stream
+The DHT carries only the ``held`` field of the holder's signed liveness record, naming the
+manifest by its sha256 (a model's chunk list can outgrow the DHT's ~64 KiB value limit); the
+manifest itself and the chunks travel over our own stream
 protocol. A joiner (swarm.adoption decides which state) fetches the manifest from any holder,
 checks it against the run's model before allocating anything, spreads the chunks over all
 holders with several requests in flight to each, verifies every chunk, bans a holder that

@@ -24,7 +24,7 @@ from multiaddr import Multiaddr
 from swarm import caps
 from swarm.adoption import Adoption, Candidate
 from swarm.averaging import Averager, AverageResult
-from swarm.config import ConfigError, SwarmConfig
+from swarm.config import ConfigError, RunConfig, SwarmConfig
 from swarm.dht import DHT_TIMEOUT_S, SwarmDHT
 from swarm.identity import Identity
 from swarm.liveness import Liveness
@@ -83,6 +83,12 @@ class Node:
         self.call(self.chunk_server.start())
         self.call(self.p2p.add_binary_stream_handler("swarm.dialback", serve_dialback))
         self.call(self._start_liveness())
+
+    def keep_config(self, cfg: RunConfig) -> None:
+        """Keep the run's config in the DHT, in the background, for as long as we are in the run."""
+        async def spawn():
+            asyncio.ensure_future(self.sdht.keep_config(cfg))
+        self.call(spawn())
 
     def _refuse_duplicate_identity(self) -> None:
         """ConfigError if another live process heartbeats under our identity (a key file copied to two machines).

@@ -3,7 +3,7 @@
 ``load_corpus`` only lists the files and hashes their bytes, which gives the run a data identity that
 every peer with the same files computes alike. The text itself is read later, one document at a time,
 by ``Corpus.documents()`` and ``Corpus.chunks()``, so a corpus larger than memory can be tokenized
-(docs/architecture.md, "Data"). Whatever a user's file holds, reading it either works or raises
+(docs/architecture.md, "Data and tokenizers"). Whatever a user's file holds, reading it either works or raises
 ``DataError`` with one line that names the file.
 """
 

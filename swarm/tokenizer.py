@@ -2,7 +2,7 @@
 
 ``Tokenizer.sha256`` names the exact id mapping, the sha256 of the tokenizer's canonical JSON, so peers
 can check they agree; ``to_json`` gives that JSON to keep beside a checkpoint, and ``tokenizer_from_json``
-rebuilds the tokenizer from it (docs/architecture.md, "Data").
+rebuilds the tokenizer from it (docs/architecture.md, "Data and tokenizers").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from swarm.averaging import Codec, part_bounds
+from swarm.averaging import WEIGHT_FACTOR, Codec, part_bounds, robust_mean
 from swarm.config import SwarmConfig
 from swarm.node import Node
 
@@ -143,3 +143,13 @@ def test_a_pseudo_gradient_scaled_by_a_million_is_clipped_and_named(caplog):
         assert (results[0].average - honest_mean).norm() <= 4 / 3 * deltas[0].norm() * 1.1 + 1
     finally:
         close(nodes)
+
+
+def test_a_member_claiming_a_huge_weight_counts_at_most_four_medians():
+    honest = {p: (100.0, torch.full((8,), 1.0)) for p in ("a", "b", "c")}
+    liar = {"z": (1e11, torch.full((8,), -1.0))}  # same norm: only its weight claim is a lie
+    mean, clipped = robust_mean({**honest, **liar})
+    share = WEIGHT_FACTOR / (WEIGHT_FACTOR + 3)  # its weight is cut to 4 x 100 against 3 x 100
+    assert torch.allclose(mean, torch.full((8,), 1.0 - 2 * share)) and clipped == {}
+    fair = {"a": (100.0, torch.full((8,), 1.0)), "b": (300.0, torch.full((8,), 3.0))}  # within the bound
+    assert torch.allclose(robust_mean(fair)[0], torch.full((8,), 2.5))
