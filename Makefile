@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m swarm.launch --peers 3 --outer-steps 8 --config peers/tiny.toml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=20 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests

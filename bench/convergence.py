@@ -14,10 +14,11 @@ model init and one data stream:
   while the next round trains (Streaming DiLoCo's one-step-delayed update, arXiv 2501.18512).
 
 Why the comparison is fair: every variant trains the profile's model from its seed with the inner loop's
-own AdamW, clipping and lr schedule (the baselines call swarm.diloco.DiLoCo.inner_step; the cosine runs
-over this run's length in every variant: schedule_outer_steps = outer steps). The swarms' peers keep
-their ``--identity`` files from one variant to the next, so peer i has the same data shard and seed in
-all three, and sync's rank i (and, round robin, single) draws exactly peer i's batches.
+own AdamW, clipping and lr schedule (the baselines run swarm.inner's make_optimizer, make_scheduler and
+inner_step, the loop of every ``swarm.peer``; the cosine runs over this run's length in every variant:
+schedule_outer_steps = outer steps). The swarms' peers keep their ``--identity`` files from one variant
+to the next, so peer i has the same data shard and seed in all three, and sync's rank i (and, round
+robin, single) draws exactly peer i's batches.
 
 Measured the same way for all: θ after each H steps per peer (the swarms' checkpoints, the baselines'
 snapshots), evaluated by swarm.evaluate.validation_loss on fixed windows of the held-out split. Bytes
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -46,13 +46,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bench.common import finish_figure, make_parents, write_json
 from swarm import checkpoint
+from swarm.architectures import build_model
 from swarm.config import ConfigError, RunConfig, load_profile, write_profile
 from swarm.data import peer_sampler
-from swarm.diloco import DiLoCo, flatten
+from swarm.diloco import OuterState
 from swarm.evaluate import corpus_split, model_at, validation_loss
+from swarm.inner import inner_step, make_optimizer, make_scheduler
 from swarm.launch import start, stop, wait_for_join_address
 from swarm.metrics import read_events
-from swarm.model import build_model
+from swarm.signature import global_parameters
 
 SWARMS = {"fp32": ("fp32", False), "int8": ("int8", False), "int8-overlap": ("int8", True)}  # codec, overlap
 START_TIMEOUT_S = 120.0
@@ -101,14 +103,16 @@ def run_swarm(name: str, cfg: RunConfig, args, workdir: str, boot_address: str) 
     """A swarm of N peers whose every outer step averaged all N; retried (with a new run id, the same peers)
     when some step was averaged by fewer, since then the budgets would differ.
 
-    Two ways that happens. Nothing makes round 1 wait for N peers (a run never knows how many will come),
-    so with a short round the first peer can average alone before the others have joined; joiners start
-    first to make that rare. And with overlap, a peer whose previous average is still in flight advertises
-    the round before the one it trains, so a peer that gathers first does not wait for it and averages
-    alone (then the models part: reported to the swarm's owners).
+    Two ways that happens. Round 1 waits for N live peers (swarm.min_peers = N, as swarm.launch sets it),
+    but only up to swarm.min_peers_timeout_s, and a round of a few tiny steps is over in a second: without
+    that wait the first peer would average alone before the others have joined. And with overlap, a peer
+    whose previous average is still in flight advertises the round before the one it trains, so a peer
+    that gathers first does not wait for it and averages alone (then the models part: reported to the
+    swarm's owners).
     """
+    swarm = dataclasses.replace(cfg.swarm, min_peers=args.peers)
     for attempt in range(1, SWARM_ATTEMPTS + 1):
-        run_cfg = dataclasses.replace(cfg, run_id=f"{cfg.run_id}-{attempt}")
+        run_cfg = dataclasses.replace(cfg, run_id=f"{cfg.run_id}-{attempt}", swarm=swarm)
         result = _swarm_attempt(name, run_cfg, args, os.path.join(workdir, name, str(attempt)), workdir, boot_address)
         result["attempts"] = attempt
         if result["full_groups"]:
@@ -215,28 +219,33 @@ def run_baseline(name: str, cfg: RunConfig, world: int, peer_ids: list[str], arg
 
 def _baseline_worker(rank: int, world: int, profile: str, peer_ids: list[str], round_steps: int, rounds: int,
                      port: int, out_dir: str) -> None:
-    """One baseline process: the inner loop's DiLoCo.inner_step run as one long round (outer_step stays 0, so
-    its lr is inner_lr at the global step), under DDP when world > 1; saves losses and θ every round."""
+    """One baseline process: the peers' inner loop (swarm.inner) run as one long round, so the scheduler gives
+    inner_lr at the global step, under DDP when world > 1; saves losses and θ every round. θ is flattened by an
+    OuterState over the run's parameters, as a peer's θ_global is, so model_at reads it back the same way."""
     torch.set_num_threads(1)  # as each swarm peer (swarm.launch gives every peer one thread)
     cfg = load_profile(profile)
     tokenizer, train, _ = corpus_split(cfg)
     mine = peer_ids if world == 1 else [peer_ids[rank]]  # the swarm peers' own data streams (swarm.data)
     samplers = [peer_sampler(train, p, cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed) for p in mine]
     model = build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed)
+    theta = OuterState([p for _, p in global_parameters(model)], cfg.train)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = DistributedDataParallel(model)
-    inner = DiLoCo(model, dataclasses.replace(cfg.train, inner_steps=round_steps, schedule_outer_steps=rounds))
+    train_cfg = dataclasses.replace(cfg.train, inner_steps=round_steps, schedule_outer_steps=rounds)
+    optimizer = make_optimizer(model, train_cfg)
+    scheduler = make_scheduler(optimizer, train_cfg)
     losses, thetas, window = [], [], []
     t0 = time.monotonic()
     for step in range(round_steps * rounds):
         x, y = samplers[step % len(samplers)].next_batch()
-        window.append(inner.inner_step(x, y, step))
+        window.append(inner_step(model, optimizer, x, y, train_cfg))
+        scheduler.step()
         if (step + 1) % round_steps == 0:
             losses.append(statistics.mean(window))
             window = []
             if rank == 0:
-                thetas.append(flatten(inner.params))
+                thetas.append(theta.local_snapshot())
     train_s = time.monotonic() - t0
     if world > 1:
         dist.destroy_process_group()

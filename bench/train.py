@@ -53,15 +53,15 @@ import subprocess
 import sys
 import time
 
-from bench.convergence import derive, write_profile
+from bench.convergence import derive
 from bench.common import finish_figure, make_parents, netns_preflight, write_results
 from bench.netns import NetnsError, Topology, link_bytes, peer_addr
+from swarm.architectures import parameter_count
 from swarm.averaging import Codec
-from swarm.config import ConfigError, RunConfig, load_profile
+from swarm.config import ConfigError, RunConfig, load_profile, write_profile
 from swarm.evaluate import corpus_split
 from swarm.launch import wait_for_join_address
 from swarm.metrics import read_events
-from swarm.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 180.0  # a peer's imports, DHT and model on a loaded 2-core box
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     make_parents(args.json, args.plot)
     n, h, steps = args.peers, args.inner_steps, args.outer_steps
     tokenizer, _, _ = corpus_split(base)  # trains and caches the tokenizer and token file before any peer needs them
-    numel = sum(p.numel() for p in build_model(base.model, tokenizer.vocab_size, base.train.seed).parameters())
+    numel = parameter_count(base.model, tokenizer.vocab_size)  # θ's size from a meta build: no weights allocated
     wire_bytes = Codec(base.swarm.codec, base.swarm.block_size).size(numel)
     budget = n * steps * round_tokens(derive(base, "x", h, steps))
     print(f"train: {n} peers x {steps} outer steps x H={h} x B={base.train.batch_size} x {base.model.seq_len} = "

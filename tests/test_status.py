@@ -13,6 +13,7 @@ from swarm.status import leaderboard
 UNUSED_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRmh5jauYrrVxUahHrvVbNN54TZW4ppaNabhpPSCYwsQL"
 
 
+@pytest.mark.slow  # ~35 s; make test-all
 def test_status_lists_a_running_swarm(tmp_path):
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
     a = start_cli("swarm.peer", "--config", "peers/tiny.toml", "--name", "alice", "--metrics-file",
