@@ -84,7 +84,7 @@ def robust_mean(contributions: dict[str, tuple[float, torch.Tensor]], clip_facto
     norms = {p: float(x.norm()) for p, (_, x) in contributions.items()}
     limit = clip_factor * statistics.median_low(norms.values())
     heaviest = WEIGHT_FACTOR * statistics.median_high(w for w, _ in contributions.values())
-    weights = {p: min(w, heaviest) if len(contributions) > 1 else w for p, (w, _) in contributions.items()}
+    weights = {p: min(w, heaviest) for p, (w, _) in contributions.items()}  # alone: w <= 4w, as it is
     total = sum(weights.values())
     mean = torch.zeros_like(next(iter(contributions.values()))[1])
     clipped = {}

@@ -223,8 +223,7 @@ class SwarmDHT:
         while True:
             await asyncio.sleep(CONFIG_REFRESH_S)
             try:
-                await self.store(config_key(cfg.run_id), "config", cfg.to_bytes(), CONFIG_TTL_S)
-                await self.store(RUNS_KEY, cfg.run_id, cfg.fingerprint, CONFIG_TTL_S)
+                await self.publish_config(cfg)
             except Exception as e:  # the DHT is slow now: the next day tries again, days before the TTL runs out
                 log.info("could not re-store the run config: %s: %s", type(e).__name__, e)
 

@@ -85,10 +85,9 @@ class Node:
         self.call(self._start_liveness())
 
     def keep_config(self, cfg: RunConfig) -> None:
-        """Keep the run's config in the DHT, in the background, for as long as we are in the run."""
-        async def spawn():
-            asyncio.ensure_future(self.sdht.keep_config(cfg))
-        self.call(spawn())
+        """Keep the run's config in the DHT, in the background, for as long as we are in the run (the task ends
+        with the network loop)."""
+        asyncio.run_coroutine_threadsafe(self.sdht.keep_config(cfg), self._loop)
 
     def _refuse_duplicate_identity(self) -> None:
         """ConfigError if another live process heartbeats under our identity (a key file copied to two machines).
