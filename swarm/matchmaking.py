@@ -221,23 +221,26 @@ class Matchmaker:
         g.role_decided.set()
         hard = g.ready_t + self.cfg.gather_timeout_s
         next_note, refreshed = g.ready_t + 5, False
-        alone_until = g.ready_t + 2 * self.cfg.heartbeat_s
-        behind_until = g.ready_t + max(2 * self.cfg.heartbeat_s, g.ready_t - self._training_since)
+        patience = max(2 * self.cfg.heartbeat_s, g.ready_t - self._training_since)
+        alone_since: float | None = None
         while True:
             now = time.monotonic()
             expected = self.expected(k, excluded)
             missing = expected - set(g.joins)
-            if not expected and not g.joins and (now < alone_until and self._others_claim_later_rounds(k) or
-                                                 now < behind_until and self._others_train_earlier_rounds(k)):
-                # alone, while others say they are past round k: give their states a heartbeat or two to show
-                # up in the view (then the round is stale), instead of forking the model with a solo step. Or
-                # alone while others train an earlier round (peers that started the run beside us, a round
-                # later): give them one round's time to reach this one, so that two lineages meet, and the one
-                # fewer peers hold is found stale, instead of racing apart with one solo step after another
-                await asyncio.sleep(self.cfg.heartbeat_s / 2)
-                await self._refresh_quietly(k)
-                self._check_stale(k)
-                continue
+            if not expected and not g.joins:
+                alone_since = now if alone_since is None else alone_since
+                if now < min(hard, alone_since + patience) and \
+                        (self._others_claim_later_rounds(k) or self._others_train_earlier_rounds(k)):
+                    # Alone, while others say they are past round k (they averaged it without us, before their
+                    # records showed us): their states take a moment to be announced, and then the round is stale.
+                    # Or alone while others train an earlier round (peers that started the run beside us, a round
+                    # later). Either way, a solo step now would fork the model: wait up to a round's training time
+                    # (two heartbeats at least), counted from when we found ourselves alone, not from when we were
+                    # ready, since we may have waited for one of them until then
+                    await asyncio.sleep(self.cfg.heartbeat_s / 2)
+                    await self._refresh_quietly(k)
+                    self._check_stale(k)
+                    continue
             if not missing or now >= hard:
                 break
             times = [g.ready_t, *g.join_times]

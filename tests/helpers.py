@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from swarm import checkpoint
 from swarm import data as swarm_data
+from swarm.adoption import Adoption
 from swarm.architectures import build_model, causal_lm_loss
 from swarm.config import RunConfig, SwarmConfig, load_profile
 from swarm.dht import parse_maddrs, start_dht
@@ -131,17 +133,19 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def start_nodes(n: int, run_id: str, cfg: SwarmConfig, initial: list[str] = (), **status) -> list[Node]:
+def start_nodes(n: int, run_id: str, cfg: SwarmConfig, initial: list[str] = (),
+                adoption: Callable[[str], Adoption] | None = None, **status) -> list[Node]:
     """n real nodes on loopback (in the DHT of ``initial``, else their own), each under its own identity, members
     of ``run_id``; ``status`` fields (e.g. round=1) are stored in the DHT before the call returns, and every node's
-    view holds the others."""
+    view holds the others. ``adoption``: builds each node's adoption rules from its peer id (then rounds the swarm
+    is past are stale); without it no round is ever stale."""
     loopback = parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "test")
     identities = [load_identity(None) for _ in range(n)]
     first = start_dht(parse_maddrs(list(initial), "test"), loopback, [], identities[0])
     dhts = [first] + [start_dht(first.get_visible_maddrs(), loopback, [], i) for i in identities[1:]]
     nodes = [Node(d, i) for d, i in zip(dhts, identities)]
     for node in nodes:
-        node.join_run(run_id, cfg, reachable="yes")
+        node.join_run(run_id, cfg, reachable="yes", adoption=adoption(node.peer_id) if adoption else None)
         node.update_status(**status)
         node.flush_status()
     for node in nodes:

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from swarm.averaging import WEIGHT_FACTOR, Codec, part_bounds, robust_mean
+from swarm.adoption import Adoption
+from swarm.averaging import WEIGHT_FACTOR, Codec, StaleRound, part_bounds, robust_mean
 from swarm.config import SwarmConfig
 from swarm.node import Node
 
@@ -74,6 +75,31 @@ def test_late_peer_is_waited_for_and_a_solo_peer_averages_alone():
             a, b = early.result(), late.result()
         assert len(a.group.members) == 2 and torch.equal(a.average, b.average)
         assert torch.allclose(a.average, torch.full((NUMEL,), 2.0), atol=2 * 3 / 127)
+    finally:
+        close(nodes)
+
+
+def test_a_leader_the_swarm_averaged_without_is_stale_and_does_not_average_alone():
+    """The leader waits for the other peer, which averages the round alone (its view lacked the leader) and
+    announces its new state a moment after its new round number. A solo step of the same number would fork the
+    model: the leader, alone from then on, must wait for that state and find its round stale."""
+    cfg = SwarmConfig(codec="int8", gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20, heartbeat_s=0.5)
+    nodes = helpers.start_nodes(2, "avg-test", cfg, adoption=lambda me: Adoption("avg-test", NUMEL, me), round=1,
+                                training=1, state="training")
+    try:
+        leader, other = sorted(nodes, key=lambda n: n.peer_id)
+        leader.training(1)
+        time.sleep(2)  # the leader trains round 1 for two seconds: it then waits up to that long alone
+        with cf.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(leader.average, 1, torch.ones(NUMEL), 1.0, "b" * 64)
+            time.sleep(3)  # longer than two heartbeats after the leader was ready
+            other.update_status(round=2, training=2)
+            other.flush_status()
+            time.sleep(0.5)
+            other.update_status(held={"outer_step": 1, "manifest": "c" * 64, "model_sha256": "d" * 64,
+                                      "size": 8 * NUMEL})
+            with pytest.raises(StaleRound, match="1 peers hold states of outer step 1 or later"):
+                waiting.result(60)
     finally:
         close(nodes)
 
