@@ -26,10 +26,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 log = logging.getLogger("swarm")
 
-MAX_CANDIDATES = 2  # states tried per resynchronisation before keeping what we have
+MAX_CANDIDATES = 2  # states tried per resynchronisation (each the best of a fresh view) before keeping ours
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,19 @@ class Adoption:
             self._refused.add(candidate.model_sha256)
         log.warning("not adopting outer step %d from %s: %s", candidate.outer_step,
                     ", ".join(h[-6:] for h in candidate.holders), why)
+
+    def tries(self, read_live: Callable[[], dict[str, dict]], our_step: int, our_model: str) -> Iterator[Candidate]:
+        """Up to MAX_CANDIDATES states to try in turn, each the best candidate of a view read just before it. When
+        a state cannot be had because its holders moved on to a newer one meanwhile (rounds can be shorter than a
+        download), the next try is the swarm's newer state, not the runner-up of the old view: that is often a
+        state only one peer holds, a liar's."""
+        tried: set[str] = set()
+        for _ in range(MAX_CANDIDATES):
+            fresh = [c for c in self.candidates(read_live(), our_step, our_model) if c.manifest not in tried]
+            if not fresh:
+                return
+            tried.add(fresh[0].manifest)
+            yield fresh[0]
 
     def candidates(self, live: dict[str, dict], our_step: int, our_model: str) -> list[Candidate]:
         """States that pass the record checks and are newer than ours, or of our step but another model held by

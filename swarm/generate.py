@@ -24,7 +24,7 @@ from swarm.config import ConfigError, RunConfig
 from swarm.dht import find_run_config, parse_maddrs, start_dht
 from swarm.evaluate import model_at
 from swarm import caps
-from swarm.adoption import MAX_CANDIDATES, Adoption
+from swarm.adoption import Adoption
 from swarm.manifest import MAX_TOKENIZER_BYTES, DownloadError, fetch_tokenizer
 from swarm.node import Node
 
@@ -88,9 +88,8 @@ def from_swarm(initial_peers: list[str], run_id: str | None) -> tuple[RunConfig,
         if cfg is None:
             raise ConfigError("no run found in the DHT")
         node.join_run(cfg.run_id, cfg.swarm, serve=False)
-        live = node.live_peers(fresh=True)
         adoption = Adoption(cfg.run_id, cfg.model_numel, node.peer_id)
-        for candidate in adoption.candidates(live, -1, "")[:MAX_CANDIDATES]:
+        for candidate in adoption.tries(lambda: node.live_peers(fresh=True), -1, ""):
             try:
                 _, state, _ = node.download(candidate, cfg.run_id, cfg.model_numel)
                 tokenizer = None if cfg.model.tokenizer == "byte" else node.call(fetch_tokenizer(

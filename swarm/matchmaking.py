@@ -333,7 +333,7 @@ class Matchmaker:
         if k <= self._closed_through:
             await write_msg(writer, {"error": f"round {k} is closed", "stale": True})
             return
-        if k > self._training or k < self._training - 1:
+        if k not in self._gatherings and (k > self._training or k < self._training - 1):
             raise WireError(f"not in round {k} (training round {self._training})")
         wait_s = self.cfg.gather_timeout_s
         await write_msg(writer, {"ack": True, "wait_s": wait_s})  # alive, and in this round: keep waiting

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from swarm.adoption import MAX_CANDIDATES, Adoption
+from swarm.adoption import Adoption
 from swarm.averaging import AverageResult
 from swarm.config import RunConfig
 from swarm.diloco import NonFiniteError, OuterState
@@ -236,12 +236,8 @@ class Rounds:
     def resync(self, local: tuple[Manifest, bytes] | None = None, any_step: bool = False) -> bool:
         """Adopt the swarm's state if one passes the adoption rules (swarm.adoption); False keeps ours.
         ``any_step``: ours is no state of the run (a joiner whose own θ is not the run's θ_0): take any."""
-        live = self.node.live_peers(fresh=True)
-        if any_step:
-            candidates = self.adoption.candidates(live, -1, "")
-        else:
-            candidates = self.adoption.candidates(live, self.outer.outer_step, self.outer.model_sha256())
-        for candidate in candidates[:MAX_CANDIDATES]:
+        ours = (-1, "") if any_step else (self.outer.outer_step, self.outer.model_sha256())
+        for candidate in self.adoption.tries(lambda: self.node.live_peers(fresh=True), *ours):
             holders = ", ".join(h[-6:] for h in candidate.holders)
             try:
                 manifest, state, stats = self.node.download(candidate, self.cfg.run_id, self.outer.numel, local)

@@ -66,6 +66,19 @@ def test_the_state_most_live_peers_hold_is_chosen_and_misfits_are_banned():
     assert adoption.candidates({}, 0, "") == []
 
 
+def test_each_try_is_the_best_state_of_a_fresh_view_not_the_runner_up_of_an_old_one():
+    """The honest pair moves on to step 17 while a joiner fetches their step 16: its next try is their step 17,
+    not the state a single liar holds, although that was second in the first view."""
+    adoption = Adoption("run", 100, "me")
+    liar = {"m": holding(1000, "e")}
+    views = iter([{"p0": holding(16, "a"), "p1": holding(16, "a"), **liar},
+                  {"p0": holding(17, "b"), "p1": holding(17, "b"), **liar}])
+    tried = [(c.outer_step, c.holders) for c in adoption.tries(lambda: next(views), -1, "")]
+    assert tried == [(16, ("p0", "p1")), (17, ("p0", "p1"))]
+    same = {"p0": holding(16, "a"), "p1": holding(16, "a"), **liar}  # the view did not change: the runner-up
+    assert [c.outer_step for c in adoption.tries(lambda: same, -1, "")] == [16, 1000]
+
+
 def test_a_peer_with_history_refuses_far_ahead_steps_however_many_keys_serve_them():
     adoption = Adoption("run", 100, "me")
     adoption.pace.began(now=0.0)

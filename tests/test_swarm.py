@@ -109,15 +109,17 @@ def test_late_joiner_bootstraps_from_several_holders_and_joins_the_next_group(tm
     finally:
         stop_all(procs, tmp_path)
     joined = read_events(str(tmp_path / "peer3.jsonl"), "joined")[0]
-    boot = read_events(str(tmp_path / "peer3.jsonl"), "bootstrap")[0]
+    boots = read_events(str(tmp_path / "peer3.jsonl"), "bootstrap")
+    boot = boots[0]
     assert joined["source"] == "peers" and joined["outer_step"] == boot["outer_step"] >= 3
     # chunks came from more than one holder (a third may still be storing the state when the joiner asks)
     assert boot["verified"] is True and boot["sources"] >= 2 and boot["bytes"] > 0 and boot["banned"] == []
     holders = [outer_by_step(tmp_path / f"peer{i}.jsonl") for i in range(3)]
     assert all(boot["model_sha256"] == h[boot["outer_step"]]["model_sha256"] for h in holders)
     late = outer_by_step(tmp_path / "peer3.jsonl")
-    first = min(late)
-    assert first == boot["outer_step"] + 1  # a member of the very next group
+    # a member of the group right after the state it adopted; one that arrived while the swarm averaged a round
+    # (its last inner step came too late for that round's group) fetched that round's result once more first
+    assert len(boots) <= 2 and min(late) == boots[-1]["outer_step"] + 1
     for step in sorted(late):
         assert late[step]["group_size"] == 4, late[step]
         assert all(late[step]["model_sha256"] == h[step]["model_sha256"] for h in holders if step in h)
