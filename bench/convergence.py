@@ -3,15 +3,16 @@
     python -m bench.convergence [--peers 2] [--outer-steps 10] [--inner-steps 20] [--config peers/tiny.toml]
                                 [--json bench/results/convergence.json] [--plot bench/results/convergence.png]
 
-Five variants on one token budget (N peers x outer steps x H x B sequences of seq_len tokens), one
+Six variants on one token budget (N peers x outer steps x H x B sequences of seq_len tokens), one
 model init and one data stream:
 
 - ``single``: one process alone, N·H·steps AdamW steps of batch B: the whole swarm's work done serially;
 - ``sync``: N processes on 127.0.0.1, torch DDP over gloo (gradients all-reduced every step), H·steps
   steps of batch B each, so a global batch of N·B;
-- ``fp32``, ``int8``, ``int8-overlap``: real swarms of N ``python -m swarm.peer`` processes (DiLoCo,
-  arXiv 2311.08105) sending pseudo-gradients as fp32, as int8, and as int8 averaged in the background
-  while the next round trains (Streaming DiLoCo's one-step-delayed update, arXiv 2501.18512).
+- ``fp32``, ``int8``, ``int8-overlap``, ``int4``: real swarms of N ``python -m swarm.peer`` processes (DiLoCo,
+  arXiv 2311.08105) sending pseudo-gradients as fp32, as int8, as int8 averaged in the background
+  while the next round trains (Streaming DiLoCo's one-step-delayed update, arXiv 2501.18512), and as
+  int4 in blocks of 128 with error feedback.
 
 Why the comparison is fair: every variant trains the profile's model from its seed with the inner loop's
 own AdamW, clipping and lr schedule (the baselines run swarm.inner's make_optimizer, make_scheduler and
@@ -56,7 +57,9 @@ from swarm.launch import start, stop, wait_for_join_address
 from swarm.metrics import read_events
 from swarm.signature import global_parameters
 
-SWARMS = {"fp32": ("fp32", False), "int8": ("int8", False), "int8-overlap": ("int8", True)}  # codec, overlap
+SWARMS = {"fp32": ("fp32", False), "int8": ("int8", False), "int8-overlap": ("int8", True),
+          "int4": ("int4", False)}  # codec, overlap
+BLOCK_SIZES = {"int4": 128}  # the block each codec wants, where not the profile's
 START_TIMEOUT_S = 120.0
 SWARM_ATTEMPTS = 3  # runs of a swarm variant until every outer step averaged all N peers
 
@@ -92,8 +95,9 @@ def derive(base: RunConfig, run_id: str, inner_steps: int, outer_steps: int, cod
     is a point of the validation curve), and optionally another codec and overlap."""
     train = dataclasses.replace(base.train, inner_steps=inner_steps, schedule_outer_steps=outer_steps,
                                 overlap=base.train.overlap if overlap is None else overlap)
-    swarm = dataclasses.replace(base.swarm, codec=codec or base.swarm.codec, checkpoint_every=1,
-                                keep_checkpoints=outer_steps)
+    codec = codec or base.swarm.codec
+    swarm = dataclasses.replace(base.swarm, codec=codec, block_size=BLOCK_SIZES.get(codec, base.swarm.block_size),
+                                checkpoint_every=1, keep_checkpoints=outer_steps)
     return dataclasses.replace(base, run_id=run_id, train=train, swarm=swarm)
 
 
@@ -279,11 +283,13 @@ def targets(rows: dict[str, dict], inner_steps: int) -> list[dict]:
            {"target": "DiLoCo int8 within 0.5% of DiLoCo fp32", "value_pct": gap("int8", "fp32"), "limit_pct": 0.5,
             "two_sided": True},
            {"target": "overlap within 1% of no overlap", "value_pct": gap("int8-overlap", "int8"), "limit_pct": 1.0,
-            "two_sided": True}]
+            "two_sided": True},
+           {"target": "int4 with error feedback at most 2% above sync DP", "value_pct": gap("int4", "sync"),
+            "limit_pct": 2.0, "two_sided": False}]
     for t in out:
         v = t["value_pct"]
         t["met"] = v is not None and (abs(v) if t["two_sided"] else v) <= t["limit_pct"]
-    for name in ("fp32", "int8", "int8-overlap"):
+    for name in SWARMS:
         if name in rows and "sync" in rows and rows[name]["bytes_per_peer"] > 0:
             ratio = rows["sync"]["bytes_per_peer"] / rows[name]["bytes_per_peer"]
             out.append({"target": f"{name}: sync DP sends >= H/2 = {inner_steps / 2:g}x its bytes/peer",
@@ -373,9 +379,9 @@ def main(argv=None) -> int:
     initial = validation_loss(build_model(base.model, tokenizer.vocab_size, base.train.seed), val, base.model.seq_len,
                               args.eval_batches, args.eval_batch_size, args.eval_seed)
     notes = {"single": f"{n * h * steps} steps of batch B, alone", "sync": f"{h * steps} steps of batch {n}xB, DDP gloo",
-             "fp32": "DiLoCo", "int8": "DiLoCo", "int8-overlap": "DiLoCo, overlap"}
+             "fp32": "DiLoCo", "int8": "DiLoCo", "int8-overlap": "DiLoCo, overlap", "int4": "DiLoCo, error feedback"}
     rows = []
-    for name in ("single", "sync", "fp32", "int8", "int8-overlap"):
+    for name in ("single", "sync", *SWARMS):
         r = results[name]
         curve = evaluate(r, base, tokenizer.vocab_size, val, round(initial, 5), args)
         final = curve[-1]["val_loss"] if curve[-1]["outer_step"] == steps else float("nan")

@@ -325,7 +325,7 @@ class DiLoCo:
 
     def _local_state(self) -> dict:
         """This peer's own state, never shared: what a restart needs besides θ_global."""
-        state = {"optimizer": _copy(self.optimizer.state_dict())}
+        state = {"optimizer": _copy(self.optimizer.state_dict()), "error_feedback": self.rounds.feedback.state_dict()}
         if self.scheduler is not None:
             state["scheduler"] = _copy(self.scheduler.state_dict())
         return state
@@ -337,6 +337,11 @@ class DiLoCo:
                 self.scheduler.load_state_dict(state["scheduler"])
         except Exception as e:  # an optimizer of another shape: start it afresh, as DiLoCo's inner state is local
             log.warning("checkpoint's optimizer state does not fit this optimizer (%s): starting it afresh", e)
+        if "error_feedback" in state:
+            try:
+                self.rounds.feedback.load_state_dict(state["error_feedback"])
+            except ValueError as e:  # saved under another codec: what was not sent is lost, not wrong
+                log.warning("checkpoint's error feedback does not fit (%s): starting it at zero", e)
 
     def _reset_optimizer(self) -> None:
         self.optimizer.state.clear()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field as dc_field
 import torch
 from hivemind.p2p import P2P
 
-from swarm import caps, compression
+from swarm import caps, compression, int4
 from swarm.config import SwarmConfig
 from swarm.liveness import Liveness
 from swarm.matchmaking import AveragingError, Group, Matchmaker, StaleRound
@@ -98,17 +98,31 @@ def robust_mean(contributions: dict[str, tuple[float, torch.Tensor]], clip_facto
 
 
 class Codec:
-    """The wire form of one slice: int8 blockwise (swarm.compression) or raw fp32."""
+    """The wire form of one slice: int8 or int4 blockwise absmax (swarm.compression, swarm.int4), or raw fp32.
+    Blockwise encodings of block-aligned parts concatenate to the encoding of the whole vector, so what a member
+    sends of its Δ, part by part, is what ``sent`` computes on the whole of it."""
+
+    LOSSY = ("int4",)  # codecs whose rounding error is carried into the next round (swarm.error_feedback)
 
     def __init__(self, name: str, block_size: int):
         self.name, self.block_size = name, block_size
 
+    @property
+    def lossy(self) -> bool:
+        return self.name in self.LOSSY
+
     def size(self, numel: int) -> int:
-        return compression.encoded_size(numel, self.block_size) if self.name == "int8" else 4 * numel
+        if self.name == "int8":
+            return compression.encoded_size(numel, self.block_size)
+        if self.name == "int4":
+            return int4.encoded_size(numel, self.block_size)
+        return 4 * numel
 
     def encode(self, x: torch.Tensor) -> bytes:
         if self.name == "int8":
             return compression.encode(x, self.block_size)
+        if self.name == "int4":
+            return int4.encode(x, self.block_size).numpy().tobytes()
         if not torch.isfinite(x).all():
             raise compression.CodecError(f"refusing to send {int((~torch.isfinite(x)).sum())} non-finite values")
         return x.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
@@ -116,6 +130,8 @@ class Codec:
     def decode(self, data: bytes, numel: int) -> torch.Tensor:
         if self.name == "int8":
             return compression.decode(data, numel, self.block_size)
+        if self.name == "int4":
+            return int4.decode(data, numel, self.block_size)
         if len(data) != 4 * numel:
             raise compression.CodecError(f"expected {4 * numel} bytes of fp32, got {len(data)}")
         if numel == 0:  # a vector shorter than one block per member leaves some parts empty
@@ -124,6 +140,12 @@ class Codec:
         if not torch.isfinite(x).all():
             raise compression.CodecError(f"{int((~torch.isfinite(x)).sum())} non-finite values")
         return x
+
+    def sent(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What the owners receive of ``x`` (flat fp32), decoded into ``out``: for error feedback."""
+        if self.name == "int4":
+            return int4.decode(int4.encode(x, self.block_size), x.numel(), self.block_size, out=out)
+        return out.copy_(self.decode(self.encode(x), x.numel()))
 
 
 def chunk_bounds(lo: int, hi: int, chunk_values: int) -> list[tuple[int, int]]:

@@ -145,20 +145,23 @@ def _run_compiled(kernel: Callable, xb: torch.Tensor, qb: torch.Tensor) -> torch
         return kernel(xb, qb)
 
 
+def _use_compiled(compiled: _Compiled | None, xb: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether a compiled kernel may quantize these rows: built for their block size, at least 2 of them (its one
+    graph), outside inference mode, and under the global state it was compiled in (else it would recompile)."""
+    rows, block_size = xb.shape
+    if compiled is None or compiled.block_size != block_size or rows < 2 or \
+            torch.is_inference_mode_enabled() or xb.is_inference() or out.is_inference():
+        return False
+    with torch.no_grad():
+        return compiled.state.check()
+
+
 def _quantize_full_blocks(xb: torch.Tensor, qb: torch.Tensor, absmax: torch.Tensor) -> None:
     rows, block_size = xb.shape
     compiled = _compiled
-    if (
-        compiled is not None
-        and compiled.block_size == block_size
-        and rows >= 2
-        and not (torch.is_inference_mode_enabled() or xb.is_inference() or qb.is_inference())
-    ):
-        with torch.no_grad():
-            same_state = compiled.state.check()
-        if same_state:
-            absmax.copy_(_run_compiled(compiled.kernel, xb, qb).view(-1))
-            return
+    if _use_compiled(compiled, xb, qb):
+        absmax.copy_(_run_compiled(compiled.kernel, xb, qb).view(-1))
+        return
     step = max(1, _CHUNK_ELEMENTS // block_size)  # rows per chunk
     lo, inv = torch.empty(min(step, rows), dtype=torch.float32), torch.empty(min(step, rows), dtype=torch.float32)
     scratch = torch.empty(min(step, rows), block_size, dtype=torch.float32)

@@ -35,7 +35,7 @@ _TOP_LEVEL = ("run_id", "profile", "protocol", *_DERIVED)
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FAMILIES = ("gpt", "llama", "hf", "custom")
 TOKENIZERS = ("byte", "bpe4k", "file")
-CODECS = ("int8", "fp32")
+CODECS = ("int8", "int4", "fp32")
 PRIVATE_DATA = ""  # data_sha256 of a run where each peer brings its own data
 SIGNATURE_MAX_BYTES = 8192  # compressed signature kept in the config record; larger models keep only its hash
 HF_CONFIG_MAX_BYTES = 16384
@@ -119,8 +119,8 @@ class SwarmConfig:
     """How peers meet and average; every value is in seconds unless named otherwise. Every wait a peer does
     is capped by a value derived from these (swarm.caps; docs/architecture.md, "Caps")."""
 
-    codec: str = "int8"  # pseudo-gradients on the wire: "int8" (blockwise absmax) or "fp32"
-    block_size: int = 1024  # int8 codec elements per scale
+    codec: str = "int8"  # pseudo-gradients on the wire: "int8", "int4" (blockwise absmax; int4 with error feedback)
+    block_size: int = 1024  # values per fp32 scale of the int8 and int4 codecs (int4 wants 128)
     chunk_values: int = 1 << 20  # all-reduce pipeline unit: each chunk of a part is reduced and sent back on its own
     gather_timeout_s: float = 30.0  # how long a ready peer waits for expected peers to be ready too
     join_timeout_s: float = 15.0  # how long a follower waits for its leader's group
@@ -138,6 +138,7 @@ class SwarmConfig:
     def __post_init__(self):
         _check(self.codec in CODECS, f"swarm.codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
         _check(self.block_size > 0, "swarm.block_size must be positive")
+        _check(self.codec != "int4" or self.block_size % 8 == 0, "swarm.block_size must be a multiple of 8 for int4")
         _check(self.chunk_values > 0 and self.chunk_values % self.block_size == 0,
                "swarm.chunk_values must be a positive multiple of swarm.block_size")
         _check(self.checkpoint_every > 0 and self.keep_checkpoints > 0,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from swarm.fsutil import fsync_dir
+from swarm.fsutil import write_streamed
 from swarm.sources import Corpus, DataError, load_corpus
 from swarm.tokenizer import BYTE_SHA256, Tokenizer, build_tokenizer, default_cache_dir, tokenizer_from_json
 
@@ -44,30 +43,20 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | os.Pat
 
 
 def _encode_to_file(corpus: Corpus, tokenizer: Tokenizer, dtype: np.dtype, stem: Path, suffix: str) -> Path:
-    """Append each chunk's ids to a temp file beside the final one as they come, then fsync it and rename it to
-    ``<stem>-<n_tokens><suffix>``: like ``fsutil.write_atomic``, a crash leaves only a temp file, never read."""
-    fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{stem.name}-", suffix=".tmp")
-    try:
+    """Append each chunk's ids to a temp file beside the final one as they come, then rename it to
+    ``<stem>-<n_tokens><suffix>`` (fsutil.write_streamed: a crash leaves only a temp file, never read)."""
+
+    def fill(f) -> Path:
         n_tokens = 0
-        with os.fdopen(fd, "wb") as f:
-            for chunk in corpus.chunks():
-                ids = tokenizer.encode(chunk).astype(dtype, copy=False)
-                f.write(memoryview(ids))
-                n_tokens += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
+        for chunk in corpus.chunks():
+            ids = tokenizer.encode(chunk).astype(dtype, copy=False)
+            f.write(memoryview(ids))
+            n_tokens += len(ids)
         if n_tokens == 0:
             raise DataError(f"the {tokenizer.kind} tokenizer turns {corpus.name} into no tokens")
-        path = stem.with_name(f"{stem.name}-{n_tokens}{suffix}")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(stem.parent)
-    return path
+        return stem.with_name(f"{stem.name}-{n_tokens}{suffix}")
+
+    return write_streamed(stem.parent, stem.name, fill)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float = 0.02) -> tuple[np.ndarray, np.ndarray]:

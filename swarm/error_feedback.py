@@ -56,6 +56,11 @@ class ErrorFeedback:
         self._check("sent", sent)
         torch.sub(v.view(-1), sent.view(-1), out=self.residual)
 
+    def reset(self) -> None:
+        """Forget what was not sent (we adopted another peer's state: our past progress went with our own)."""
+        if self.enabled:
+            self.residual.zero_()
+
     def state_dict(self) -> dict:
         """The residual, for this peer's checkpoint (a copy: later updates leave it alone)."""
         return {"numel": self.numel, "residual": None if self.residual is None else self.residual.clone()}

@@ -34,7 +34,8 @@ import warnings
 
 import torch
 
-from swarm.compression import _CHUNK_ELEMENTS, CodecError, _Compiled, _flat_fp32, _num_blocks, _run_compiled
+from swarm.compression import (_CHUNK_ELEMENTS, CodecError, _Compiled, _flat_fp32, _num_blocks, _run_compiled,
+                               _use_compiled)
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +132,9 @@ def compile_kernels(block_size: int = BLOCK_SIZE) -> float | None:
 def _quantize_full_blocks(xb: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> None:
     rows, block_size = xb.shape
     compiled = _compiled
-    if (
-        compiled is not None
-        and compiled.block_size == block_size
-        and rows >= 2
-        and not (torch.is_inference_mode_enabled() or xb.is_inference() or packed.is_inference())
-    ):
-        with torch.no_grad():
-            same_state = compiled.state.check()
-        if same_state:
-            absmax.copy_(_run_compiled(compiled.kernel, xb, packed).view(-1))
-            return
+    if _use_compiled(compiled, xb, packed):
+        absmax.copy_(_run_compiled(compiled.kernel, xb, packed).view(-1))
+        return
     step = max(1, _CHUNK_ELEMENTS // block_size)  # rows per chunk
     lo, inv = torch.empty(min(step, rows)), torch.empty(min(step, rows))
     scratch = torch.empty(min(step, rows), block_size)

@@ -169,7 +169,13 @@ class Matchmaker:
             if leader is None:
                 raise AveragingError(f"round {k}: no peer that others can dial is in the round to lead it")
             if leader == self.peer_id:
-                return await self._lead(g, excluded)
+                try:
+                    return await self._lead(g, excluded, skipped)
+                except _Redirect as r:
+                    log.info("round %d: %s leads it (its record came after we took the lead): joining it", k,
+                             r.to[-6:])
+                    redirect = r.to
+                    continue
             g.leader = leader
             g.role_decided.set()
             try:
@@ -214,8 +220,10 @@ class Matchmaker:
         if why is not None:
             raise StaleRound(f"round {k}: {why}")
 
-    async def _lead(self, g: _Gathering, excluded: set[str]) -> Group:
-        """Wait for the joins of everyone expected, or until they stop arriving, then answer all with one group."""
+    async def _lead(self, g: _Gathering, excluded: set[str], passed_over: set[str]) -> Group:
+        """Wait for the joins of everyone expected, or until they stop arriving, then answer all with one group.
+        _Redirect if the view comes to name another leader meanwhile (a peer whose record showed it in round k
+        only after we took the lead, while it leads the round itself): whoever joined us is sent there too."""
         k = g.outer_step
         g.leader = self.peer_id
         g.role_decided.set()
@@ -225,6 +233,14 @@ class Matchmaker:
         alone_since: float | None = None
         while True:
             now = time.monotonic()
+            leader = self.leader(k, excluded, passed_over)
+            if leader is not None and leader != self.peer_id:  # two leaders would wait for each other: step down
+                g.leader = leader
+                g.group.set_result(None)  # tells those who joined us to go there
+                g.group = asyncio.get_running_loop().create_future()
+                g.joins.clear()
+                g.join_times.clear()
+                raise _Redirect(leader)
             expected = self.expected(k, excluded)
             missing = expected - set(g.joins)
             if not expected and not g.joins:
@@ -364,7 +380,10 @@ class Matchmaker:
         g.joins[peer] = (weight, loss, reachable)
         g.join_times.append(time.monotonic())
         g.joined.set()
-        group: Group = await asyncio.wait_for(asyncio.shield(g.group), self.cfg.gather_timeout_s)
+        group: Group | None = await asyncio.wait_for(asyncio.shield(g.group), self.cfg.gather_timeout_s)
+        if group is None:  # we stepped down after this peer joined us
+            await write_msg(writer, {"redirect": g.leader})
+            return
         if peer not in group.members:
             await write_msg(writer, {"error": f"round {k} group closed before you joined", "stale": True})
             return

@@ -15,6 +15,10 @@ happened, and each says what becomes of the round's samples:
 With ``train.overlap`` the next round trains while the last one averages; its average is applied
 with a one-step delay, and the progress made meanwhile is carried over onto the new θ_global
 (Streaming DiLoCo, arXiv 2501.18512, with the whole model as one fragment).
+
+A lossy codec (int4) sends v = Δ + e, where e is what earlier rounds' encodings left out (error feedback,
+swarm.error_feedback); once a round is averaged, e becomes v minus what the owners received of it. A round
+that is not averaged leaves e as it was, and an adopted state resets it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from swarm.adoption import Adoption
 from swarm.averaging import AverageResult
 from swarm.config import RunConfig
 from swarm.diloco import NonFiniteError, OuterState
+from swarm.error_feedback import ErrorFeedback
 from swarm.liveness import round_progress
 from swarm.manifest import DownloadError, Manifest
 from swarm.matchmaking import AveragingError, StaleRound
@@ -87,6 +92,7 @@ class _Pending:
     snapshot: torch.Tensor | None  # θ_local when Δ was taken (overlap: progress since is carried over)
     loss: float
     samples: int  # the weight it was averaged with: its own samples and those carried into it
+    residual: torch.Tensor | None  # error feedback: what this round's encoding leaves out, kept if it is averaged
 
 
 class Rounds:
@@ -98,6 +104,8 @@ class Rounds:
         self.cfg, self.outer, self.node, self.adoption, self.metrics = cfg, outer, node, adoption, metrics
         self.name, self.hold, self.reset_optimizer = name, hold, reset_optimizer
         self.validation, self.on_adopted = validation, on_adopted
+        self.codec = node.averager.codec
+        self.feedback = ErrorFeedback(outer.numel, enabled=self.codec.lossy)
         self.inner_in_round = 0
         self.round_samples = 0  # samples of the round in progress
         self.carried = 0  # samples in θ_local's progress from rounds that were not averaged
@@ -151,10 +159,15 @@ class Rounds:
         weight = self.carried + samples
         self.carried = 0
         snapshot = self.outer.local_snapshot() if self.cfg.train.overlap else None
+        residual = None
+        if self.feedback.enabled:
+            self.feedback.compensate(delta)  # v = Δ + e, in place
+            sent = self.codec.sent(delta, torch.empty_like(delta))
+            residual = torch.sub(delta, sent, out=sent)
         self.node.update_status(state="averaging", samples=self.samples_total, inner=self.cfg.train.inner_steps)
         future = self._pool.submit(self.node.average, k, delta, weight, self.outer.model_sha256(),
                                    0.0 if math.isnan(mean_loss) else mean_loss)
-        self.pending = _Pending(k, future, snapshot, mean_loss, weight)
+        self.pending = _Pending(k, future, snapshot, mean_loss, weight, residual)
         self.node.training(self.training_round)
         if not self.cfg.train.overlap:
             outcome = self._settle()
@@ -203,6 +216,8 @@ class Rounds:
         except NonFiniteError as e:  # θ_local still holds the round's progress: the next Δ carries it
             log.warning("%s outer step %d not applied: %s", self.name, pending.outer_step, e)
             return self._carry(pending, str(e))
+        if pending.residual is not None:
+            self.feedback.residual = pending.residual
         self.adoption.pace.averaged(self.outer.outer_step)
         self.adoption.pace.began()
         self.hold()
@@ -260,6 +275,7 @@ class Rounds:
                     continue
             self.outer.load(state)
             self.carried, self.round_samples, self.losses = 0, 0, []
+            self.feedback.reset()
             self.inner_in_round = self._catch_up()
             self.adoption.pace.adopted(manifest.outer_step)
             self.adoption.pace.began()

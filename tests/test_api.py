@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import swarm
+from swarm import int4
 from swarm.config import ModelConfig, RunConfig, SwarmConfig, TrainConfig
 from swarm.manifest import pack_state
 from swarm.metrics import read_events
@@ -108,6 +109,36 @@ def test_a_round_that_cannot_be_averaged_carries_its_samples_into_the_next(tmp_p
     outer = read_events(str(tmp_path / "m.jsonl"), "outer")
     assert [(e["outer_step"], e["samples"]) for e in outer] == [(1, 2 * INNER_STEPS * SAMPLES)]
     assert not read_events(str(tmp_path / "m.jsonl"), "bootstrap")  # the liar's state was never adopted
+
+
+def test_int4_carries_what_a_round_did_not_send_into_the_next_and_checkpoints_it(tmp_path):
+    """Error feedback: a round sends v = Δ + e, and e becomes v minus what the owners received of it (the codec's
+    own round trip); a restart from the checkpoint finds the same e."""
+    model, data = Linear(), torch.Generator().manual_seed(1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = RunConfig(run_id="ef", profile="api", model=ModelConfig(family="custom"),
+                       train=TrainConfig(inner_steps=INNER_STEPS),
+                       swarm=SwarmConfig(codec="int4", block_size=8, heartbeat_s=0.5))
+    options = dict(config=config, host_maddrs=["/ip4/127.0.0.1/tcp/0"], reachable="yes",
+                   checkpoint_dir=str(tmp_path / "ck"))
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # noqa: E731
+    residual = torch.zeros(17)
+    with swarm.DiLoCo(model, inner, **options) as dl:
+        for _ in range(2):
+            theta_global = flat().clone()  # θ_local starts each round at θ_global
+            for _ in range(INNER_STEPS):
+                x, y = torch.randn(32, 16, generator=data), torch.randn(32, 1, generator=data)
+                ((model(x) - y) ** 2).mean().backward()
+                inner.step()
+                inner.zero_grad()
+                v = theta_global - flat() + residual
+                outcome = dl.step(samples=SAMPLES)
+            assert isinstance(outcome, Averaged)
+            residual = v - int4.decode(int4.encode(v, 8), v.numel(), 8)
+            assert residual.abs().max() > 0 and torch.equal(dl.rounds.feedback.residual, residual)
+    restarted = Linear()
+    with swarm.DiLoCo(restarted, torch.optim.SGD(restarted.parameters(), lr=0.01), **options) as dl:
+        assert dl.outer_step == 2 and torch.equal(dl.rounds.feedback.residual, residual)
 
 
 def test_the_hugging_face_example_trains_as_the_readme_shows(tmp_path):

@@ -24,7 +24,8 @@ def start_nodes(n: int, cfg: SwarmConfig) -> list[Node]:
     return helpers.start_nodes(n, "avg-test", cfg, round=1, training=1, state="training")
 
 
-@pytest.mark.parametrize("codec, chunk_values", [("int8", 1 << 20), ("fp32", 1 << 20), ("int8", 1024)])
+@pytest.mark.parametrize("codec, chunk_values", [("int8", 1 << 20), ("fp32", 1 << 20), ("int8", 1024),
+                                                  ("int4", 1 << 20)])
 def test_three_peers_get_the_weighted_mean_as_identical_bytes(codec, chunk_values):
     """One chunk per part, and four (the pipelined path: each chunk reduced and returned on its own)."""
     cfg = SwarmConfig(codec=codec, block_size=256, chunk_values=chunk_values, gather_timeout_s=20, join_timeout_s=10,
@@ -51,12 +52,13 @@ def test_three_peers_get_the_weighted_mean_as_identical_bytes(codec, chunk_value
             assert error.max() < 1e-5
         else:
             # each contribution and the result are within half a step of their block: bound per block
-            bound = sum(w * d.abs().max() / 127 / 2 for w, d in zip(weights, deltas)) / sum(weights)
-            bound += expected.abs().max() / 127 / 2
+            levels = {"int8": 127, "int4": 7}[codec]
+            bound = sum(w * d.abs().max() / levels / 2 for w, d in zip(weights, deltas)) / sum(weights)
+            bound += expected.abs().max() / levels / 2
             assert error.max() <= bound
             assert error.mean() < bound / 4
-        for r in results:  # each peer sends and receives 2(N-1)/N of the vector: int8 is ~1/4 of fp32
-            wire = (4 if codec == "fp32" else 1) * NUMEL * 2 * 2 / 3
+        for r in results:  # each peer sends and receives 2(N-1)/N of the vector: int8 ~1/4 of fp32, int4 ~1/8
+            wire = {"fp32": 4, "int8": 1, "int4": 0.5}[codec] * NUMEL * 2 * 2 / 3
             assert 0.9 * wire < r.bytes_sent < 1.3 * wire + 2000
             assert r.bytes_recv > 0.9 * wire
     finally:
@@ -100,6 +102,32 @@ def test_a_leader_the_swarm_averaged_without_is_stale_and_does_not_average_alone
                                       "size": 8 * NUMEL})
             with pytest.raises(StaleRound, match="1 peers hold states of outer step 1 or later"):
                 waiting.result(60)
+    finally:
+        close(nodes)
+
+
+def test_a_leader_steps_down_for_a_peer_whose_record_shows_it_first_once_it_reaches_the_round():
+    """The higher id takes the lead while the lower id's record still shows an earlier round; then the lower id
+    reaches the round and leads it. The first must step down and join it: two leaders would wait for each other
+    until the gather timeout, and then each average alone (a fork)."""
+    cfg = SwarmConfig(codec="fp32", gather_timeout_s=20, join_timeout_s=10, allreduce_timeout_s=20, heartbeat_s=0.5)
+    nodes = start_nodes(2, cfg)
+    try:
+        low, high = sorted(nodes, key=lambda n: n.peer_id)
+        low.update_status(round=0, training=0)
+        low.flush_status()
+        high.training(1)
+        time.sleep(3)  # high trains round 1 for 3 s: alone, it then waits that long for a peer of an earlier round
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(high.average, 1, torch.full((NUMEL,), 1.0), 1.0, "b" * 64)
+            time.sleep(0.5)
+            low.update_status(round=1, training=1)
+            low.flush_status()
+            low.training(1)
+            second = pool.submit(low.average, 1, torch.full((NUMEL,), 3.0), 1.0, "b" * 64)
+            results = [first.result(60), second.result(60)]
+        assert [r.group.members for r in results] == [tuple(sorted((low.peer_id, high.peer_id)))] * 2
+        assert all(torch.equal(r.average, torch.full((NUMEL,), 2.0)) for r in results)
     finally:
         close(nodes)
 

@@ -14,7 +14,7 @@ import pytest
 from bench.netns import missing_requirements
 from helpers import run_cli
 
-VARIANTS = {"single", "sync", "fp32", "int8", "int8-overlap"}
+VARIANTS = {"single", "sync", "fp32", "int8", "int8-overlap", "int4"}
 
 pytestmark = pytest.mark.slow  # ~2 minutes together: make test-all
 
@@ -30,7 +30,7 @@ def test_convergence_smoke(tmp_path):
     rows = {r["variant"]: r for r in report["variants"]}
     assert set(rows) == VARIANTS
     assert all(math.isfinite(r["final_val_loss"]) for r in rows.values()), rows
-    assert 0 < rows["int8"]["bytes_per_peer"] < rows["fp32"]["bytes_per_peer"]
+    assert 0 < rows["int4"]["bytes_per_peer"] < rows["int8"]["bytes_per_peer"] < rows["fp32"]["bytes_per_peer"]
     assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
