@@ -22,6 +22,10 @@ Memory: the peak over the process's whole life of the PSS summed over the peer's
 Python process, hivemind's DHT process, p2pd), sampled every ``--sample-s`` by a thread of this
 process, which does nothing else meanwhile. PSS splits pages shared with the DHT process (forked after
 torch is loaded) between the two, so nothing is counted twice. api-2peers: the larger peer's peak.
+Reading PSS walks every page of every process in the tree, and that CPU comes out of the loop being
+measured, the more so for the larger tree of the api modes: sampling every 0.1 s cut plain's tokens/s
+from 1018 to 852 on 2 cores (llama-20m), while every 1.0 s (the default) changed the api's peak by
+12 MB of 1848, since an outer step's buffers live for the whole round.
 
 Threads: ``--threads`` (default: every core) torch threads in total in every mode: plain and api run one
 process with all of them, api-2peers two processes with half each, so no mode oversubscribes the cores
@@ -75,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from plain,api,api-2peers")
     p.add_argument("--quiet-cores", type=float, default=0.1,
                    help="a step is quiet if other processes used at most this many cores during it")
-    p.add_argument("--sample-s", type=float, default=0.1, help="PSS sampling period")
+    p.add_argument("--sample-s", type=float, default=1.0, help="PSS sampling period (module docstring: its cost)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound on each run")
     p.add_argument("--start-timeout-s", type=float, default=180.0, help="bound on a peer's start-up")
     p.add_argument("--smoke", action="store_true", help="llama-tiny, one run each, H=2, 2 outer steps")

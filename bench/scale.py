@@ -5,7 +5,10 @@
 
 Each N starts a stand-alone bootstrap node and N peers (bench/scale_worker.py: a user loop through the
 Python API on a micro GPT whose compute is negligible, inner steps padded with sleep so that rounds last
-about H x --step-s, ~10 s) within a few seconds of each other. The run's profile sets ``max_group_size``
+about H x --step-s, ~10 s): the first, which starts the run, then the other N - 1 within a few seconds of each
+other in batches of ``--start-batch``, each once the previous one has joined (started all at once, 32 peers on 2
+cores took longer than a joiner's 20 s search for the run's config before the first had published it, and
+then 80 s for one DHT lookup while ~90 processes started). The run's profile sets ``max_group_size``
 to N and ``min_peers`` to N, so every round can be one group of all of them. Per N it reports:
 
 - ``full_group_fraction``: of the (peer, outer step) pairs, those averaged in a group of every live peer;
@@ -52,14 +55,13 @@ def micro_profile(n: int, path: str) -> str:
     return write_profile(RunConfig(run_id="scale", profile="micro", model=model, train=train, swarm=swarm), path)
 
 
-def lowest_identity(path: str, below: str) -> str:
-    """A key file whose peer id sorts before ``below`` (a leader by our rule)."""
-    for _ in range(500):
-        identity = load_identity(None)
-        if identity.peer_id < below:
-            save_identity(identity, path)
-            return path
-    raise RuntimeError("no key with a low enough peer id in 500 tries")
+def identity_files(workdir: str, n: int) -> list[str]:
+    """n key files, sorted by peer id: the first is the leader by our rule (the lowest id) among them all."""
+    identities = sorted((load_identity(None) for _ in range(n)), key=lambda i: i.peer_id)
+    paths = [os.path.join(workdir, f"key{i}") for i in range(n)]
+    for identity, path in zip(identities, paths):
+        save_identity(identity, path)
+    return paths
 
 
 def run_swarm(n: int, args, workdir: str, claimer: bool) -> dict:
@@ -71,28 +73,33 @@ def run_swarm(n: int, args, workdir: str, claimer: bool) -> dict:
         procs.append(start(["swarm.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], boot_log, 1))
         address = wait_for_join_address(procs[0], boot_log, 60)
         logs = [os.path.join(workdir, f"peer{i}.log") for i in range(n)]
+        keys = identity_files(workdir, n + 1) if claimer else []  # the claimer's id sorts first: it would lead
+        deadline = time.monotonic() + START_S
         for i in range(n):
-            extra = ["--config", profile] if i == 0 else []
+            extra = (["--config", profile] if i == 0 else []) + (["--identity", keys[i + 1]] if claimer else [])
             procs.append(start(["bench.scale_worker", "--initial-peers", address, "--out", workdir, "--name",
                                 f"peer{i}", "--outer-steps", str(args.outer_steps), "--step-s", str(args.step_s),
                                 "--expect", str(n), *extra], logs[i], 1))
-        deadline = time.monotonic() + START_S
-        while not all("joined: " in open(log).read() for log in logs):
-            failed = [i for i, p in enumerate(procs[1:]) if p.poll() is not None]
-            if failed or time.monotonic() > deadline:
-                raise RuntimeError(f"peer{failed[0] if failed else '?'} did not join; see {workdir}")
-            time.sleep(0.5)
+            if i == 0 or i % args.start_batch == 0:  # the first one's config is in the DHT before the others look
+                wait_until_joined(procs[1:], logs[:i + 1], deadline, workdir)
+        wait_until_joined(procs[1:], logs, deadline, workdir)
         joined_at = time.time()
         if claimer:
-            ids = [read_events(os.path.join(workdir, f"peer{i}.jsonl"), "joined")[0]["peer"] for i in range(n)]
-            key = lowest_identity(os.path.join(workdir, "claimer.key"), min(ids))
             procs.append(start(["bench.scale_worker", "--initial-peers", address, "--out", workdir, "--name", "claimer",
-                                "--silent-claimer", "--identity", key], os.path.join(workdir, "claimer.log"), 1))
+                                "--silent-claimer", "--identity", keys[0]], os.path.join(workdir, "claimer.log"), 1))
         for proc in procs[1:n + 1]:
             proc.wait(timeout=args.timeout_s)
     finally:
         stop(procs)
     return summarize(n, workdir, joined_at)
+
+
+def wait_until_joined(procs: list[subprocess.Popen], logs: list[str], deadline: float, workdir: str) -> None:
+    while not all("joined: " in open(log).read() for log in logs):
+        failed = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"peer{failed[0] if failed else '?'} did not join; see {workdir}")
+        time.sleep(0.5)
 
 
 def summarize(n: int, workdir: str, joined_at: float) -> dict:
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-s", type=float, default=1.0, help="seconds per inner step (sleep-padded)")
     p.add_argument("--claimer-at", type=int, default=8, help="N at which to measure a silent claimer (0: never)")
     p.add_argument("--timeout-s", type=float, default=900)
+    p.add_argument("--start-batch", type=int, default=4, help="peers started at once (after the first)")
     p.add_argument("--workdir")
     p.add_argument("--json", default="bench/results/scale.json")
     p.add_argument("--plot", default="bench/results/scale.png")

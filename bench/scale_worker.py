@@ -84,7 +84,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # the first peer starts the run from its profile; the others learn the model from the run's config
     membership = open_membership(parse_maddrs(args.initial_peers, "--initial-peers", True),
-                                 parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "--host-maddrs"), [], None, None, cfg)
+                                 parse_maddrs(["/ip4/127.0.0.1/tcp/0"], "--host-maddrs"), [], args.identity, None, cfg)
     cfg = membership.cfg
     model = build_model(cfg.model, tokenizer.vocab_size, cfg.train.seed)
     inner = make_optimizer(model, cfg.train)
@@ -156,7 +156,7 @@ def main() -> int:
     p.add_argument("--step-s", type=float, default=1.0)
     p.add_argument("--expect", type=int, default=1, help="peers in the swarm: note when our view holds all")
     p.add_argument("--silent-claimer", action="store_true")
-    p.add_argument("--identity", help="the claimer's key (bench.scale picks one with the lowest peer id)")
+    p.add_argument("--identity", help="key file (bench.scale gives the claimer the lowest peer id of all)")
     p.add_argument("--claim-s", type=float, default=600)
     args = p.parse_args()
     torch.set_num_threads(1)
