@@ -41,7 +41,7 @@ def average_all(nodes, k: int) -> list:
                              range(len(nodes))))
 
 
-@pytest.mark.slow  # passes alone (3 of 3 runs); failed once in a full `make test` on 2 cores, where a late thread
+@pytest.mark.slow  # passes alone (2 of 2 runs); failed once in a full `make test` on 2 cores, where a late thread
 # missed the group: make test-all, until the quiet rule's margin under load is settled
 def test_eight_peers_average_three_rounds_in_one_group_into_identical_bytes():
     nodes = helpers.start_nodes(8, "eight", config(), round=1, training=1, state="training")
@@ -77,7 +77,7 @@ def test_max_group_size_two_splits_four_peers_into_pairs_that_change_the_next_ro
         close(nodes)
 
 
-@pytest.mark.slow  # passes alone (3 of 3 runs); failed once in a full `make test` on 2 cores, where a late thread
+@pytest.mark.slow  # passes alone (2 of 2 runs); failed once in a full `make test` on 2 cores, where a late thread
 # missed the group: make test-all, until the quiet rule's margin under load is settled
 def test_a_silent_claimer_with_the_lowest_id_is_skipped_named_and_the_others_average(caplog):
     """It claims the round in its record and would lead it (the lowest id), but never answers a join."""
