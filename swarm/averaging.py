@@ -141,9 +141,9 @@ class Codec:
             raise compression.CodecError(f"{int((~torch.isfinite(x)).sum())} non-finite values")
         return x
 
-    def sent(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What the owners receive of ``x`` (flat fp32), decoded into ``out``: for error feedback."""
-        return out.copy_(self.decode(self.encode(x), x.numel()))
+    def sent(self, x: torch.Tensor) -> torch.Tensor:
+        """What the owners receive of ``x`` (flat fp32), decoded into a new tensor: for error feedback."""
+        return self.decode(self.encode(x), x.numel())
 
 
 def chunk_bounds(lo: int, hi: int, chunk_values: int) -> list[tuple[int, int]]:

@@ -162,7 +162,7 @@ class Rounds:
         residual = None
         if self.feedback.enabled:
             self.feedback.compensate(delta)  # v = Δ + e, in place
-            sent = self.codec.sent(delta, torch.empty_like(delta))
+            sent = self.codec.sent(delta)
             residual = torch.sub(delta, sent, out=sent)
         self.node.update_status(state="averaging", samples=self.samples_total, inner=self.cfg.train.inner_steps)
         future = self._pool.submit(self.node.average, k, delta, weight, self.outer.model_sha256(),
