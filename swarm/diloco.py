@@ -80,6 +80,7 @@ class OuterState:
         self.momentum.zero_()
         self.outer_step = 0  # outer steps completed by the swarm in θ_global
         self.generation = 0  # bumped before the buffer changes
+        self._hashed: tuple[int, str] = (-1, "")  # (generation, θ_global's hash): one hash per outer step, not three
 
     def _gather_local(self, out: torch.Tensor) -> None:
         """θ_local, flat fp32, into ``out`` (one copy per parameter, no temporary of the whole model)."""
@@ -143,12 +144,16 @@ class OuterState:
                 offset += n
 
     def model_sha256(self) -> str:
-        return model_sha256([self.theta_global])
+        """θ_global's hash, computed once per change: the outer event, the manifest and the status all ask. On
+        the training thread only, the one that changes θ_global."""
+        if self._hashed[0] != self.generation:
+            self._hashed = (self.generation, model_sha256([self.theta_global]))
+        return self._hashed[1]
 
     def state(self) -> dict:
         """A view of the state a joiner needs: outer step, θ_global, momentum (valid until the next change)."""
         return {"outer_step": self.outer_step, "theta_global": self.theta_global, "momentum": self.momentum,
-                "buffer": self.buffer, "generation": self.generation}
+                "buffer": self.buffer, "generation": self.generation, "model_sha256": self.model_sha256()}
 
     def load(self, state: dict) -> None:
         """Take θ_global, momentum and step from a verified state, and set θ_local to it."""

@@ -1,18 +1,22 @@
 """What a peer holds for the swarm: after each outer step, describe θ_global, serve it, announce it, save it.
 
-All of it runs on one background thread, so training never waits for hashing or the disk. The
-state is served from the live θ_global/momentum buffer without a copy (swarm.diloco.OuterState):
-its ``generation`` tells whether the buffer still holds the state a manifest describes. Only the
-newest state is kept pending: when the disk is slower than the outer steps, intermediate saves are
-skipped instead of queued without bound. A failed save (a full disk, say) is a warning; the
-previous checkpoints stay loadable and training goes on.
+All of it runs on one background thread, so training never waits for hashing or the disk. On Linux
+that thread runs at a lower CPU priority (nice +BACKGROUND_NICE): where every core trains, hashing takes
+idle time instead of slowing the inner steps (CPU training threads wait on each other, so a core taken
+from one of them stalls them all). The state is served from the live θ_global/momentum buffer without a
+copy (swarm.diloco.OuterState): its ``generation`` tells whether the buffer still holds the state a
+manifest describes. Only the newest state is kept pending: when the disk is slower than the outer steps,
+intermediate saves are skipped instead of queued without bound. A failed save (a full disk, say) is a
+warning; the previous checkpoints stay loadable and training goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +27,8 @@ from swarm.config import RunConfig
 from swarm.manifest import Manifest, pack_state
 
 log = logging.getLogger("swarm")
+
+BACKGROUND_NICE = 10  # added to the holder thread's nice value
 
 
 class Holder:
@@ -55,6 +61,7 @@ class Holder:
                     pass
 
     def _run(self) -> None:
+        _lower_this_threads_priority()
         while (item := self._queue.get()) is not None:
             try:
                 self._hold(*item)
@@ -95,3 +102,15 @@ class Holder:
             return False
         self._thread.join(max(0.0, deadline - time.monotonic()))
         return not self._thread.is_alive()
+
+
+def _lower_this_threads_priority() -> None:
+    """Linux schedules each thread on its own: setpriority on this thread's id renices it alone (elsewhere the id
+    would name a process, so nothing is done there)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError as e:  # a sandbox that forbids it: the holder still works, at normal priority
+        log.debug("holder thread keeps its priority: %s", e)

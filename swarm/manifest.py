@@ -103,15 +103,16 @@ class Manifest:
 
 def pack_state(run_id: str, state: dict, chunk_size: int = CHUNK_BYTES) -> tuple[Manifest, memoryview]:
     """(manifest, payload) of a DiLoCo state dict (outer_step, theta_global, momentum). With ``buffer`` (θ and the
-    momentum as one fp32 tensor, swarm.diloco.OuterState) the payload is a view of it, else a copy."""
+    momentum as one fp32 tensor, swarm.diloco.OuterState) the payload is a view of it, else a copy; with
+    ``model_sha256`` (θ's hash, already known to OuterState) θ is not hashed again."""
     theta, momentum = state["theta_global"], state["momentum"]
     buffer = state.get("buffer")
     if buffer is None:
         buffer = torch.cat([theta.reshape(-1), momentum.reshape(-1)]).to(torch.float32)
     payload = memoryview(buffer.numpy()).cast("B")
     hashes = tuple(hashlib.sha256(payload[i:i + chunk_size]).hexdigest() for i in range(0, len(payload), chunk_size))
-    manifest = Manifest(run_id, int(state["outer_step"]), theta.numel(), model_sha256([theta]), len(payload),
-                        chunk_size, hashes)
+    manifest = Manifest(run_id, int(state["outer_step"]), theta.numel(),
+                        state.get("model_sha256") or model_sha256([theta]), len(payload), chunk_size, hashes)
     return manifest, payload
 
 
