@@ -20,11 +20,13 @@ import os
 import threading
 import time
 import weakref
+from functools import partial
 from typing import Any
 
 import hivemind
 from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
@@ -200,10 +202,17 @@ class SwarmDHT:
     async def get_subkeys(self, key: str) -> dict[str, Any]:
         """{subkey: value} of a dictionary record; anything else reads as empty."""
         future = self._pipe.send(lambda: self.dht.get(key, latest=True, return_future=True))
-        found = await self._answer(future)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        return {k: v.value for k, v in found.value.items() if hasattr(v, "value")}
+        return _subkeys(await self._answer(future))
+
+    async def get_many_subkeys(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """get_subkeys of several keys in one request to the DHT process, and one search of the DHT for all: a
+        request costs the DHT process far more than the records it returns (hivemind passes each request's
+        reply pipe between the processes), and one search shares its RPCs among the keys."""
+        future = self._pipe.send(lambda: self.dht.run_coroutine(partial(_get_latest, keys=tuple(keys)),
+                                                                return_future=True))
+        # shielded: hivemind's run_coroutine, unlike its get, fails loudly when its future was cancelled
+        found = await self._answer(asyncio.shield(future))
+        return {key: _subkeys(found.get(key)) for key in keys}
 
     # --- run config -------------------------------------------------------------------------------
 
@@ -254,8 +263,8 @@ class SwarmDHT:
         """peer id -> record, for the records under ``key`` that their named peer signed itself; a record
         signed by one identity that names another peer is dropped (the DHT already checked the signature)."""
         out = {}
-        buckets = await asyncio.gather(*(self.get_subkeys(f"{key}/{b}") for b in range(SIGNED_BUCKETS)))
-        for records in buckets:
+        buckets = await self.get_many_subkeys([f"{key}/{b}" for b in range(SIGNED_BUCKETS)])
+        for records in buckets.values():
             for subkey, value in records.items():
                 peer = peer_id_of_owner(subkey)
                 if peer is not None and isinstance(value, dict) and value.get("peer") == peer and \
@@ -281,6 +290,18 @@ class SwarmDHT:
             if isinstance(maddrs, list) and all(isinstance(m, str) and len(m) < 256 for m in maddrs[:4]):
                 self.addresses[peer] = maddrs[:4]
         return records
+
+
+async def _get_latest(_dht: hivemind.DHT, node: DHTNode, keys: tuple[str, ...]) -> dict:
+    """Runs in the DHT process (DHT.run_coroutine): the latest value of each key, or None."""
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+
+
+def _subkeys(found) -> dict[str, Any]:
+    """{subkey: value} of a dictionary record found in the DHT; anything else reads as empty."""
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {k: v.value for k, v in found.value.items() if hasattr(v, "value")}
 
 
 def _is_int(value) -> bool:
