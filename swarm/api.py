@@ -37,7 +37,7 @@ from swarm.holder import Holder
 from swarm.membership import Membership, open_membership
 from swarm.metrics import Metrics
 from swarm.node import maddr_peer_ids
-from swarm.rounds import Outcome, Resynced, Rounds
+from swarm.rounds import Outcome, Rounds
 from swarm.signature import check_model, global_parameters, stamp
 from swarm.status import leaderboard
 from swarm.validation import Validation

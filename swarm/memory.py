@@ -10,8 +10,6 @@ dying of an allocator error minutes later.
 
 from __future__ import annotations
 
-import os
-
 from swarm.config import ConfigError, RunConfig
 
 PROCESS_BYTES = 600 << 20  # torch, hivemind and the DHT and p2pd processes, before any tensor

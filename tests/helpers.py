@@ -24,6 +24,7 @@ from swarm.config import RunConfig, SwarmConfig, load_profile
 from swarm.dht import parse_maddrs, start_dht
 from swarm.identity import load_identity
 from swarm.launch import JOIN_LINE
+from swarm.metrics import read_events
 from swarm.manifest import pack_state
 from swarm.node import Node
 from swarm.signature import global_parameters, model_sha256, stamp
@@ -163,3 +164,8 @@ def random_state(numel: int, step: int = 7) -> dict:
     gen = torch.Generator().manual_seed(step)
     return {"outer_step": step, "theta_global": torch.randn(numel, generator=gen),
             "momentum": torch.randn(numel, generator=gen)}
+
+
+def outer_by_step(path) -> dict[int, dict]:
+    """A peer's ``outer`` events (its metrics file), by outer step."""
+    return {e["outer_step"]: e for e in read_events(str(path), "outer")}

@@ -17,7 +17,7 @@ from swarm.metrics import read_events
 from swarm.rounds import Averaged, Carried
 
 import helpers
-from helpers import ROOT, peer_env, stop, wait_for
+from helpers import ROOT, outer_by_step, peer_env, stop, wait_for
 
 INNER_STEPS, INNER_LR, SAMPLES = 5, 0.01, 4  # as tests/api_peer.py
 
@@ -42,7 +42,7 @@ def test_two_processes_with_their_own_loop_average_a_plain_module(tmp_path):
         assert first.wait(timeout=60) == 0, (tmp_path / "rank0.log").read_text()[-3000:]
     finally:
         stop(first)
-    events = [{e["outer_step"]: e for e in read_events(str(tmp_path / f"rank{r}.jsonl"), "outer")} for r in range(2)]
+    events = [outer_by_step(tmp_path / f"rank{r}.jsonl") for r in range(2)]
     assert sorted(events[0]) == sorted(events[1]) == [1, 2, 3]
     boot = read_events(str(tmp_path / "rank1.jsonl"), "bootstrap")
     assert boot and boot[0]["outer_step"] == 0  # rank 1's own random θ was replaced by the run's θ_0

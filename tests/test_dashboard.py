@@ -16,7 +16,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from helpers import LOOPBACK, join_address, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, join_address, outer_by_step, run_cli, start_cli, stop, wait_for
 from swarm.config import ConfigError
 from swarm.dashboard import start_dashboard
 from swarm.metrics import read_events
@@ -139,7 +139,7 @@ def check_page(url: str, tmp_path) -> None:
     # step they belong to is read from the page and its event from alice's metrics file
     latest = {key: text(dom, key) for key in ("loss-step", "loss-group", "loss-self", "time-step", "time-s",
                                               "group-size", "bytes-step", "bytes-sent", "bytes-recv", "bytes-total")}
-    outer = {e["outer_step"]: e for e in read_events(str(tmp_path / "a.jsonl"), "outer")}
+    outer = outer_by_step(tmp_path / "a.jsonl")
     step = int(latest["loss-step"])
     assert step >= 3 and latest["time-step"] == latest["bytes-step"] == str(step), latest
     e = outer[step]

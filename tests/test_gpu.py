@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm.metrics import read_events
-
-from helpers import LOOPBACK, join_address, start_cli, stop, wait_for
+from helpers import LOOPBACK, join_address, outer_by_step, start_cli, stop, wait_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
 
@@ -29,7 +27,7 @@ def test_a_cuda_peer_and_a_cpu_peer_agree_on_every_outer_step(tmp_path):
         if cpu is not None:
             stop(cpu)
         stop(gpu)
-    on = [{e["outer_step"]: e for e in read_events(str(tmp_path / f"{d}.jsonl"), "outer")} for d in ("gpu", "cpu")]
+    on = [outer_by_step(tmp_path / f"{d}.jsonl") for d in ("gpu", "cpu")]
     shared = sorted(set(on[0]) & set(on[1]))
     assert len(shared) >= 3, shared
     for step in shared:

@@ -9,11 +9,7 @@ import pytest
 
 from swarm.metrics import read_events
 
-from helpers import LOOPBACK, ROOT, join_address, peer_env, start_cli, stop, wait_for
-
-
-def outer_by_step(path) -> dict[int, dict]:
-    return {e["outer_step"]: e for e in read_events(str(path), "outer")}
+from helpers import LOOPBACK, ROOT, join_address, outer_by_step, peer_env, start_cli, stop, wait_for
 
 
 def start_liar(address: str, kind: str, log_path) -> tuple[subprocess.Popen, str]:

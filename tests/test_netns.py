@@ -17,8 +17,7 @@ import pytest
 from bench.allreduce import parse_args, run_system
 from bench.netns import Topology, missing_requirements
 from bench.allreduce_worker import pattern
-from helpers import ROOT, join_address, peer_env, wait_for
-from swarm.metrics import read_events
+from helpers import ROOT, join_address, outer_by_step, peer_env, wait_for
 
 pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
 
@@ -126,7 +125,7 @@ def test_a_peer_behind_nat_averages_through_a_public_one(tmp_path):
     assert "peers cannot dial this peer" in logs[1].read_text()
     assert "this peer can be dialed" not in logs[1].read_text()
     assert f"--initial-peers {address}" in logs[1].read_text()  # it tells others the way in it took, not its own
-    events = [{e["outer_step"]: e for e in read_events(str(m), "outer")} for m in metrics]
+    events = [outer_by_step(m) for m in metrics]
     shared = sorted(set(events[0]) & set(events[1]))
     assert len(shared) >= 3, shared
     for step in shared:

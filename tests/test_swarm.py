@@ -6,12 +6,8 @@ import os
 
 import pytest
 
-from helpers import LOOPBACK, ROOT, join_address, run_cli, start_cli, stop, wait_for
+from helpers import LOOPBACK, ROOT, join_address, outer_by_step, run_cli, start_cli, stop, wait_for
 from swarm.metrics import read_events
-
-
-def outer_by_step(path) -> dict[int, dict]:
-    return {e["outer_step"]: e for e in read_events(str(path), "outer")}
 
 
 def shared_steps(tmp_path) -> list[int]:
