@@ -36,6 +36,7 @@ from swarm.reachability import check_reachable, serve_dialback
 log = logging.getLogger("swarm")
 
 CALL_TIMEOUT_S = 3 * DHT_TIMEOUT_S  # network calls that are not transfers: a few DHT requests at most
+FAREWELL_S = 2.0  # leaving: one DHT store, best effort (the record expires anyway within 3 heartbeats)
 
 
 class Node:
@@ -175,10 +176,12 @@ class Node:
     def close(self) -> None:
         if not self._thread.is_alive():
             return  # closed already
-        if self.liveness is not None and self.identity is not None:
+        # A signal to our whole process group (kill -- -PGID, a service manager) stops the DHT process with us:
+        # then no farewell can be stored, and waiting for one only delays the exit
+        if self.liveness is not None and self.identity is not None and self.dht.is_alive():
             try:  # tell the swarm at once instead of letting the record expire
-                self.call(self.liveness.stop(), timeout_s=5)
-                self.call(self.liveness.farewell(), timeout_s=5)
+                self.call(self.liveness.stop(), timeout_s=FAREWELL_S)
+                self.call(self.liveness.farewell(), timeout_s=FAREWELL_S)
             except Exception as e:
                 log.debug("farewell record not stored: %s", e)
         try:

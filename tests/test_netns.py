@@ -74,10 +74,10 @@ def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_pat
 
 
 def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
-    links_before = links_here()
+    links_before = links_here()  # 100 rounds: the benchmark is still running when it is interrupted
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.allreduce", "--peers", "2", "--size-mb", "1", "--latency", "20ms",
-         "--rounds", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+         "--rounds", "100", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
          "--log-dir", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"swb-{proc.pid}-"
