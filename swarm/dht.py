@@ -44,6 +44,9 @@ CONFIG_RECORD_MAX_BYTES = 32 * 1024  # a run config with a model signature; far 
 CONFIG_TTL_S = 7 * 24 * 3600.0
 CONFIG_REFRESH_S = 24 * 3600.0  # every live peer re-stores the run's config this often: a run outlives the TTL
 DHT_TIMEOUT_S = 10.0  # a DHT request that takes longer failed (swarm.dht_timeout_s in a run)
+READ_REPLY_BUDGET = 16 * 1024  # bytes one read's reply from the DHT process may be expected to bring: the 64 KiB
+# that kills it is 4x away, so a swarm may grow 4x between two reads
+SIGNED_RECORD_BYTES = 1536  # a signed liveness record as a read returns it (value, signature, owner key), rounded up
 MAX_IN_FLIGHT = 64  # unanswered requests to one DHT process: ~20 KB in its pipe, below the 64 KiB that blocks
 # A signed record is about 1 KB (RSA key and signature included), and a DHT read returns all the records of
 # a key at once: spread them over buckets so that one read stays far below 64 KiB with hundreds of peers.
@@ -181,6 +184,7 @@ class SwarmDHT:
         if identity is not None and identity.peer_id != dht.peer_id.to_base58():
             raise ValueError("SwarmDHT: the identity is not the one this DHT node runs under")
         self.addresses: dict[str, list[str]] = {}  # peer id -> multiaddrs from its liveness record
+        self._signed_seen: dict[str, int] = {}  # key -> records its last read found: sizes the next read
         self._pipe = _Pipe.of(dht)
 
     @property
@@ -207,7 +211,8 @@ class SwarmDHT:
     async def get_many_subkeys(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """get_subkeys of several keys in one request to the DHT process, and one search of the DHT for all: a
         request costs the DHT process far more than the records it returns (hivemind passes each request's
-        reply pipe between the processes), and one search shares its RPCs among the keys."""
+        reply pipe between the processes), and one search shares its RPCs among the keys. The caller keeps the
+        reply small (READ_REPLY_BUDGET)."""
         future = self._pipe.send(lambda: self.dht.run_coroutine(partial(_get_latest, keys=tuple(keys)),
                                                                 return_future=True))
         # shielded: hivemind's run_coroutine, unlike its get, fails loudly when its future was cancelled
@@ -262,14 +267,17 @@ class SwarmDHT:
     async def get_signed(self, key: str) -> dict[str, dict]:
         """peer id -> record, for the records under ``key`` that their named peer signed itself; a record
         signed by one identity that names another peer is dropped (the DHT already checked the signature)."""
-        out = {}
-        buckets = await self.get_many_subkeys([f"{key}/{b}" for b in range(SIGNED_BUCKETS)])
-        for records in buckets.values():
+        out, keys, found = {}, [f"{key}/{b}" for b in range(SIGNED_BUCKETS)], 0
+        step = _buckets_per_read(self._signed_seen.get(key))
+        replies = await asyncio.gather(*(self.get_many_subkeys(keys[i:i + step]) for i in range(0, len(keys), step)))
+        for records in (records for reply in replies for records in reply.values()):
+            found += len(records)
             for subkey, value in records.items():
                 peer = peer_id_of_owner(subkey)
                 if peer is not None and isinstance(value, dict) and value.get("peer") == peer and \
                         len(MSGPackSerializer.dumps(value)) <= RECORD_MAX_BYTES:
                     out[peer] = value
+        self._signed_seen[key] = found
         return out
 
     async def heartbeat(self, info: dict, ttl_s: float) -> None:
@@ -295,6 +303,16 @@ class SwarmDHT:
 async def _get_latest(_dht: hivemind.DHT, node: DHTNode, keys: tuple[str, ...]) -> dict:
     """Runs in the DHT process (DHT.run_coroutine): the latest value of each key, or None."""
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+
+
+def _buckets_per_read(records_seen: int | None) -> int:
+    """How many buckets of a signed key one request may read, given how many records the last read found: a
+    small swarm's whole view in one request, a large one's in several, each reply within READ_REPLY_BUDGET. The
+    first read knows nothing yet: one bucket per request."""
+    if records_seen is None:
+        return 1
+    per_bucket = max(1, records_seen) * SIGNED_RECORD_BYTES / SIGNED_BUCKETS
+    return max(1, min(SIGNED_BUCKETS, int(READ_REPLY_BUDGET // per_bucket)))
 
 
 def _subkeys(found) -> dict[str, Any]:

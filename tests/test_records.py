@@ -12,7 +12,8 @@ import torch
 
 from swarm.adoption import Adoption
 from swarm.config import RunConfig, SwarmConfig
-from swarm.dht import RUNS_KEY, SwarmDHT, peers_key, signed_key
+from swarm.dht import (READ_REPLY_BUDGET, RUNS_KEY, SIGNED_BUCKETS, SIGNED_RECORD_BYTES, SwarmDHT,
+                       _buckets_per_read, peers_key, signed_key)
 from swarm.liveness import round_progress
 
 import helpers
@@ -194,3 +195,14 @@ def test_a_joiner_takes_up_the_round_where_the_median_peer_is_and_liars_cannot_m
     assert round_progress({**honest, **liars}, 5, h, now, ttl_s=3.0) == 12
     one_more = {"v": {"training": 5, "state": "training", "inner": 0, "step_s": 1e-9, "t": now - 2}}  # capped at H
     assert round_progress({**honest, **one_more}, 5, h, now, ttl_s=3.0) == 12
+
+
+def test_liveness_reads_group_buckets_only_while_the_reply_stays_small():
+    """One request for a small swarm's view, one per bucket for a large one, and never a reply the last count says
+    would exceed the budget (a reply near 64 KiB kills hivemind's DHT process)."""
+    assert _buckets_per_read(None) == 1  # nothing known yet
+    assert _buckets_per_read(0) == _buckets_per_read(10) == SIGNED_BUCKETS
+    assert _buckets_per_read(43) == _buckets_per_read(5000) == 1
+    for seen in range(1, 400):
+        step = _buckets_per_read(seen)
+        assert step == 1 or step * seen * SIGNED_RECORD_BYTES / SIGNED_BUCKETS <= READ_REPLY_BUDGET, seen
