@@ -82,12 +82,15 @@ def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"swb-{proc.pid}-"
     try:
-        def pids_inside() -> list[int]:
-            mine = [ns for ns in netns_names() if ns.startswith(prefix)]
-            return [int(pid) for ns in mine for pid in
-                    subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+        def workers() -> list[int]:
+            """The benchmark's worker processes (each runs inside its namespace through ip netns exec)."""
+            try:
+                return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "bench.allreduce_worker" in " ".join(p.cmdline())]
+            except psutil.Error:
+                return []
 
-        inside = wait_for(lambda: len(pids_inside()) >= 2 and pids_inside(), 60, "workers inside the namespaces")
+        inside = wait_for(lambda: len(workers()) >= 2 and workers(), 60, "the benchmark's workers")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
