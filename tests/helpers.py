@@ -24,8 +24,8 @@ from swarm.config import RunConfig, SwarmConfig, load_profile
 from swarm.dht import parse_maddrs, start_dht
 from swarm.identity import load_identity
 from swarm.launch import JOIN_LINE
-from swarm.metrics import read_events
 from swarm.manifest import pack_state
+from swarm.metrics import read_events
 from swarm.node import Node
 from swarm.signature import global_parameters, model_sha256, stamp
 
