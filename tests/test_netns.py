@@ -74,12 +74,17 @@ def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_pat
 
 
 def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
+    """Ctrl-C while the workers run: exit 130, and the namespaces, links and workers are gone. The interrupt is
+    sent only once the benchmark has printed its first setting (the network is built) and both workers and the
+    delay line run, and there are far more rounds than it could finish meanwhile, so it cannot end on its own."""
     links_before = links_here()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.allreduce", "--peers", "2", "--size-mb", "1", "--latency", "20ms",
-         "--rounds", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
-         "--log-dir", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.allreduce", "--peers", "2", "--size-mb", "1", "--latency", "20ms",
+             "--systems", "swarm", "--codec", "int8", "--rounds", "100000", "--json", str(tmp_path / "r.json"),
+             "--plot", str(tmp_path / "r.png"), "--log-dir", str(tmp_path)],
+            cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True, env=peer_env())
     prefix = f"swb-{proc.pid}-"
     try:
         def pids_inside() -> list[int]:
@@ -87,12 +92,21 @@ def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
             return [int(pid) for ns in mine for pid in
                     subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
 
-        inside = wait_for(lambda: len(pids_inside()) >= 2 and pids_inside(), 60, "workers inside the namespaces")
+        wait_for(lambda: "N=2, +20 ms one way" in out_path.read_text(), 90, "the benchmark's first setting")
+        def all_three() -> list[int]:
+            pids = pids_inside()
+            return pids if len(pids) >= 3 else []
+
+        inside = wait_for(all_three, 40, "the delay line and both workers inside the namespaces")
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the test failed: SIGTERM still removes the namespaces, SIGKILL would leak them
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err.strip().splitlines()[-1]
     assert not {ns for ns in netns_names() if ns.startswith(prefix)}
