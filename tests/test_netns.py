@@ -93,6 +93,7 @@ def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
                     subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
 
         wait_for(lambda: "N=2, +20 ms one way" in out_path.read_text(), 90, "the benchmark's first setting")
+
         def all_three() -> list[int]:
             pids = pids_inside()
             return pids if len(pids) >= 3 else []
