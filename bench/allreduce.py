@@ -16,9 +16,12 @@ compression) among N peers on links of B bit/s needs at least 2(N-1)/N * S / B. 
 goodput (TCP payload, so headers do not count against a system) and the efficiency is bound /
 all-reduce time: matchmaking is timed apart and shown beside it, not hidden in it. Each round's time
 is its slowest peer's; the row shows the median round. Bytes on the wire are each peer's eth0
-transmit counter (headers and DHT traffic included), averaged over peers. Every result is checked
-value by value against the known weighted mean (bench/allreduce_worker.py); a failed check shows in
-the last column.
+transmit counter (headers and DHT traffic included), averaged over peers. B/param: the codec's bytes
+per value on the wire (fp32: 4). Every result is checked: with int8 and fp32, value by value against the
+known weighted mean of integer patterns (bench/allreduce_worker.py); with int4, which cannot be exact,
+on Gaussian payloads, by identical bytes on every member and equality with the average recomputed offline
+from the same messages (bench/offline_mean.py), and ``rel err`` is its distance from the exact mean,
+relative to that mean's norm. A failed check shows in the last column.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import sys
 import time
 
 from bench.common import finish_figure, make_parents, netns_preflight, write_results
+from bench.allreduce_worker import OFFLINE_CHECKED
 from bench.netns import NetnsError, Topology, netem_available, peer_addr
+from bench.offline_mean import check_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 180.0  # importing torch and hivemind in 8 processes on 2 cores is slow
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rate of every link, each direction (tbf), e.g. 100mbit")
     parser.add_argument("--latency", type=_list(_unit("ms", "--latency")), default=[0.0, 50.0],
                         help="added one-way latencies, e.g. 0ms,50ms")
-    parser.add_argument("--codec", type=_list(str), default=["int8", "fp32"], help="swarm codecs: int8,fp32")
+    parser.add_argument("--codec", type=_list(str), default=["int8", "fp32"], help="swarm codecs: int8,int4,fp32")
     parser.add_argument("--systems", type=_list(str), default=["swarm", "gloo", "hivemind"])
     parser.add_argument("--rounds", type=int, default=3, help="timed all-reduces per system and setting")
     parser.add_argument("--hivemind-matchmaking-s", type=float, default=5.0,
@@ -81,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", default="bench/results/allreduce.png", help="where to draw them")
     parser.add_argument("--log-dir", default="bench/results/allreduce-logs", help="worker logs, one per peer and run")
     args = parser.parse_args(argv)
-    bad = [c for c in args.codec if c not in ("int8", "fp32")] + [s for s in args.systems
+    bad = [c for c in args.codec if c not in ("int8", "int4", "fp32")] + [s for s in args.systems
                                                                   if s not in ("swarm", "gloo", "hivemind")]
     if bad or min(args.peers, default=0) < 2 or args.rounds < 1 or args.size_mb <= 0:
         parser.error(f"bad values: {', '.join(bad) or 'peers must be >= 2, rounds >= 1, size > 0'}")
@@ -214,13 +219,11 @@ def run_system(topo: Topology, system: str, peers: int, numel: int, codec: str, 
 # --- results ----------------------------------------------------------------------------------------
 
 def payload_bytes(numel: int, codec: str) -> int:
-    """S: bytes of the vector on the wire after compression."""
-    if codec == "int8":
-        from swarm.compression import encoded_size
-        from swarm.config import SwarmConfig
+    """S: bytes of the vector on the wire after compression (gloo and hivemind: fp32)."""
+    from bench.allreduce_worker import swarm_config
+    from swarm.averaging import Codec
 
-        return encoded_size(numel, SwarmConfig().block_size)
-    return 4 * numel
+    return Codec(codec, swarm_config(codec).block_size).size(numel)
 
 
 def summarize(results: list[list[dict]], system: str, codec: str, peers: int, numel: int, size_mb: float,
@@ -230,10 +233,13 @@ def summarize(results: list[list[dict]], system: str, codec: str, peers: int, nu
     groups = [min(r["group_size"] for r in rnd) for rnd in results]
     problems = sorted({f"rank {i}: {r['step_error']}" for rnd in results for i, r in enumerate(rnd)
                        if r.get("step_error")})
-    errors = [r["max_abs_err"] for rnd in results for r in rnd]
+    errors = [r["max_abs_err"] for rnd in results for r in rnd if r["max_abs_err"] is not None]
     digests = [{r["result_sha256"] for r in rnd} for rnd in results]
-    if max(errors) > CHECK_TOLERANCE:
+    if errors and max(errors) > CHECK_TOLERANCE:
         problems.append(f"result off by up to {max(errors):.3g}")
+    offline = [check_round(rnd, numel, codec) for rnd in results] if codec in OFFLINE_CHECKED else []
+    if not all(o["offline_match"] for o in offline):
+        problems.append("result differs from the offline mean of the same messages")
     if system != "hivemind" and any(len(d) > 1 for d in digests):
         problems.append("peers ended with different bytes")
     if any(g < peers for g in groups):
@@ -249,18 +255,22 @@ def summarize(results: list[list[dict]], system: str, codec: str, peers: int, nu
         matchmaking_s_median=round(statistics.median(matchmaking), 3) if matchmaking else None,
         seconds_all=[round(s, 3) for s in seconds], group_sizes=groups, payload_bytes=s_bytes,
         latency_set_ms=latency_ms, bandwidth_set_mbit=set_mbit, check="ok" if not problems else "; ".join(problems),
+        wire_bytes_per_param=round(s_bytes / numel, 4),
+        rel_err=round(max(o["rel_err"] for o in offline), 5) if offline else None,
     )
 
 
-HEADER = (f"{'setting':<30} {'system':<9} {'codec':<5} {'all-reduce s':>12} {'matchmk s':>9} {'MB sent/peer':>12} "
-          f"{'bound s':>8} {'eff (all-reduce)':>16}  check")
+HEADER = (f"{'setting':<30} {'system':<9} {'codec':<5} {'B/param':>7} {'all-reduce s':>12} {'matchmk s':>9} "
+          f"{'MB sent/peer':>12} {'bound s':>8} {'eff (all-reduce)':>16} {'rel err':>7}  check")
 
 
 def format_row(row: dict) -> str:
     setting = f"N={row['peers']} {row['size_mb']:g}MB {row['bandwidth_mbit']:.1f}Mbit rtt {row['rtt_ms']:.1f}ms"
     mm = "-" if row["matchmaking_s_median"] is None else f"{row['matchmaking_s_median']:.2f}"
-    return (f"{setting:<30} {row['system']:<9} {row['codec']:<5} {row['seconds_median']:>12.2f} {mm:>9} "
-            f"{row['bytes_per_peer'] / 1e6:>12.1f} {row['bound_s']:>8.2f} {row['efficiency']:>16.3f}  {row['check']}")
+    err = "-" if row["rel_err"] is None else f"{row['rel_err']:.4f}"
+    return (f"{setting:<30} {row['system']:<9} {row['codec']:<5} {row['wire_bytes_per_param']:>7.3f} "
+            f"{row['seconds_median']:>12.2f} {mm:>9} {row['bytes_per_peer'] / 1e6:>12.1f} {row['bound_s']:>8.2f} "
+            f"{row['efficiency']:>16.3f} {err:>7}  {row['check']}")
 
 
 def plot(rows: list[dict], path: str) -> None:

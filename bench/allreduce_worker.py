@@ -1,7 +1,7 @@
 """One peer of the WAN all-reduce benchmark, run inside its network namespace by bench/allreduce.py.
 
     ip netns exec NS python -m bench.allreduce_worker --system swarm|gloo|hivemind --rank I --peers N
-        --addr IP --numel M --expect C [--codec int8|fp32] [--weight W] [--master IP:PORT]
+        --addr IP --numel M --expect C [--codec int8|int4|fp32] [--weight W] [--master IP:PORT]
 
 The driver speaks to it in JSON lines: commands on stdin, one reply per command on the stdout the
 process started with (fd 1 is pointed at stderr, so whatever hivemind or p2pd print cannot corrupt
@@ -19,6 +19,8 @@ not found"). On the real WAN public addresses resolve; here every peer dials eve
 Every peer contributes ``(rank + 1) * pattern`` where pattern[j] = (37 j mod 255) - 127: integers
 with an absmax of 127 in every 1024-block, so the int8 codec is exact on them and the driver can
 pass ``--expect C`` (the weighted mean of the multipliers) to check the result value by value.
+A codec that cannot be exact (int4) gets a Gaussian payload instead, ``gaussian(numel, rank)``, and the
+driver checks the result against the mean it computes offline from the same messages.
 Wire bytes come from eth0's counters: everything the peer really sent and received, headers
 included.
 """
@@ -40,8 +42,25 @@ from bench.worker_loop import run_worker
 STARTUP_TIMEOUT_S = 60.0
 
 
+OFFLINE_CHECKED = ("int4",)  # codecs whose result is checked against an offline mean, on a Gaussian payload
+INT4_BLOCK = 128  # values per scale for int4, as the README recommends (the int8 default of 1024 is coarse for it)
+
+
+def swarm_config(codec: str, **overrides):
+    """The SwarmConfig every swarm worker averages with, and the driver's offline check reproduces."""
+    from swarm.config import SwarmConfig
+
+    return SwarmConfig(codec=codec, **({"block_size": INT4_BLOCK} if codec == "int4" else {}), **overrides)
+
+
 def pattern(numel: int) -> torch.Tensor:
     return ((torch.arange(numel, dtype=torch.int64) * 37) % 255 - 127).to(torch.float32)
+
+
+def gaussian(numel: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s payload for a lossy codec: a Gaussian vector, so no ties or exact grids flatter the
+    codec's error; the driver draws the same one from the same seed."""
+    return torch.randn(numel, generator=torch.Generator().manual_seed(rank), dtype=torch.float32)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -115,11 +134,14 @@ class Peer(abc.ABC):
 
     def __init__(self, args):
         self.args = args
-        self.delta = pattern(args.numel).mul_(args.rank + 1)
+        self.offline = args.codec in OFFLINE_CHECKED
+        self.delta = gaussian(args.numel, args.rank) if self.offline else pattern(args.numel).mul_(args.rank + 1)
         self.expected_scale = args.expect
 
     def check(self, average: torch.Tensor) -> dict:
-        error = (average - pattern(average.numel()).mul_(self.expected_scale)).abs().max().item()
+        """The result's hash; its largest error against the known mean, unless the driver checks it offline."""
+        error = None if self.offline else \
+            (average - pattern(average.numel()).mul_(self.expected_scale)).abs().max().item()
         return {"max_abs_err": error, "head": average[:4].tolist(),
                 "result_sha256": hashlib.sha256(average.numpy().tobytes()).hexdigest()}
 
@@ -141,7 +163,6 @@ class SwarmPeer(Peer):
     """swarm.node.Node over a hivemind.DHT on this namespace's address: matchmaking included."""
 
     def start(self, initial_peers: list[str]) -> dict:
-        from swarm.config import SwarmConfig
         from swarm.dht import parse_maddrs, start_dht
         from swarm.identity import load_identity
         from swarm.node import Node
@@ -150,7 +171,7 @@ class SwarmPeer(Peer):
         self.dht = start_dht(parse_maddrs(initial_peers, "initial_peers"),
                              parse_maddrs([f"/ip4/{self.args.addr}/tcp/0"], "host"), [], identity)
         self.node = Node(self.dht, identity)
-        cfg = SwarmConfig(codec=self.args.codec, allreduce_timeout_s=self.args.timeout_s)
+        cfg = swarm_config(self.args.codec, allreduce_timeout_s=self.args.timeout_s)
         self.node.join_run(self.args.run_id, cfg, reachable="yes")
         return {"maddrs": [str(m) for m in self.dht.get_visible_maddrs()]}
 
@@ -176,7 +197,9 @@ class SwarmPeer(Peer):
         return {"cpu_s": cpu_delta(cpu), "retransmits": tcp_retransmits() - retrans, "trace": trace.samples, "allreduce_s": result.allreduce_s, "matchmaking_s": result.matchmaking_s,
                 "group_size": len(result.group.members), "tx_bytes": tx2 - tx, "rx_bytes": rx2 - rx,
                 "app_sent_bytes": result.bytes_sent, "app_recv_bytes": result.bytes_recv,
-                "average_sha256": result.average_sha256, **self.check(result.average)}
+                "average_sha256": result.average_sha256, "peer_id": self.node.peer_id,
+                "owners": list(result.group.owners), "members": list(result.group.members),
+                "weights": list(result.group.weights), **self.check(result.average)}
 
     def close(self) -> None:
         self.node.close()
@@ -280,7 +303,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, required=True)
     parser.add_argument("--addr", required=True, help="this namespace's IPv4 address")
     parser.add_argument("--numel", type=int, required=True, help="fp32 values in the averaged vector")
-    parser.add_argument("--codec", default="fp32", choices=("int8", "fp32"))
+    parser.add_argument("--codec", default="fp32", choices=("int8", "int4", "fp32"))
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--expect", type=float, required=True, help="the result is expect * pattern")
     parser.add_argument("--master", default=None, help="IP:PORT of rank 0's rendezvous (gloo)")

@@ -14,9 +14,10 @@ import sys
 import psutil
 import pytest
 
-from bench.allreduce import parse_args, run_system
-from bench.netns import Topology, missing_requirements
+from bench.allreduce import parse_args, payload_bytes, run_system
 from bench.allreduce_worker import pattern
+from bench.netns import Topology, missing_requirements
+from bench.offline_mean import check_round
 from helpers import ROOT, join_address, outer_by_step, peer_env, wait_for
 
 pytestmark = pytest.mark.skipif(missing_requirements() is not None, reason=f"{missing_requirements()}")
@@ -72,6 +73,24 @@ def test_swarm_all_reduce_across_three_namespaces_is_exact_and_identical(tmp_pat
     assert all(abs(r["app_sent_bytes"] - wire) < 0.03 * wire for r in replies), [r["app_sent_bytes"] for r in replies]
     assert all(r["tx_bytes"] >= 0.97 * wire for r in replies), [r["tx_bytes"] for r in replies]
 
+
+
+def test_int4_all_reduce_equals_the_offline_mean_of_the_same_messages(tmp_path):
+    """int4 cannot be exact: on Gaussian payloads every member must apply the same bytes, and those bytes must be
+    the average recomputed without any network from the members' payloads (bench/offline_mean.py)."""
+    numel, weights = 2_000_000, [1.0, 2.0, 5.0]
+    with Topology(peers=3, rate_mbit=1000) as topo:
+        (replies,) = run_system(topo, "swarm", 3, numel, "int4", 1, parse_args([]), str(tmp_path), "i4",
+                                weights=weights)
+    assert [r["group_size"] for r in replies] == [3, 3, 3]
+    assert len({r["result_sha256"] for r in replies}) == 1
+    check = check_round(replies, numel, "int4")
+    assert check["offline_match"], check
+    # 4 bits per value and blocks of 128: the mean lands within a fifth of its norm of the exact one
+    assert 0.01 < check["rel_err"] < 0.2, check
+    wire = 2 * 2 / 3 * payload_bytes(numel, "int4")  # 4 bits a value, plus a 4-byte scale per 128-block
+    assert payload_bytes(numel, "int4") == numel // 2 + 4 * (numel // 128)
+    assert all(abs(r["app_sent_bytes"] - wire) < 0.03 * wire for r in replies), [r["app_sent_bytes"] for r in replies]
 
 def test_interrupted_benchmark_leaves_no_namespace_link_or_process(tmp_path):
     """Ctrl-C while the workers run: exit 130, and the namespaces, links and workers are gone. The interrupt is
