@@ -36,8 +36,8 @@ import subprocess
 import sys
 import time
 
-from bench.common import finish_figure, make_parents, netns_preflight, write_results
 from bench.allreduce_worker import OFFLINE_CHECKED
+from bench.common import finish_figure, make_parents, netns_preflight, write_results
 from bench.netns import NetnsError, Topology, netem_available, peer_addr
 from bench.offline_mean import check_round
 

@@ -21,6 +21,9 @@ to N and ``min_peers`` to N, so every round can be one group of all of them. Per
   last one joining (hivemind users report swarms splitting into separate DHTs);
 - ``silent_claimer_slowdown`` (at ``--claimer-at``): the median round time with a peer that claims every
   round and never answers (with the lowest peer id, so it would lead), over the median round time without.
+
+An N whose peers do not all join within START_S gets a row with its ``error`` (how many had joined) and null
+figures, and the benchmark goes on with the next N.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from swarm.launch import start, stop, wait_for_join_address
 from swarm.metrics import read_events
 
 START_S = 300.0  # all N peers have printed their join lines
-SEE_ALL_S = 30.0  # after that, every peer sees every other's liveness record
+SEE_ALL_S = 30.0
+# null, beside an "error", in the row of an N whose peers did not all join within START_S
+ROW_KEYS = ("full_group_fraction", "matchmaking_median_s", "matchmaking_p95_s", "dht_requests_per_peer_s",
+            "pss_per_peer_mb", "hash_disagreements", "silent_claimer_slowdown")  # after that, every peer sees every other's liveness record
+
+
+class StartError(RuntimeError):
+    """The N peers did not all join in time: a result for that N (the bound it hit), not a crash of the benchmark."""
 
 
 def micro_profile(n: int, path: str) -> str:
@@ -95,10 +105,14 @@ def run_swarm(n: int, args, workdir: str, claimer: bool) -> dict:
 
 
 def wait_until_joined(procs: list[subprocess.Popen], logs: list[str], deadline: float, workdir: str) -> None:
-    while not all("joined: " in open(log).read() for log in logs):
+    while (joined := sum("joined: " in open(log).read() for log in logs)) < len(logs):
         failed = [i for i, p in enumerate(procs) if p.poll() is not None]
-        if failed or time.monotonic() > deadline:
-            raise RuntimeError(f"peer{failed[0] if failed else '?'} did not join; see {workdir}")
+        if failed:
+            raise StartError(f"peer{failed[0]} exited with code {procs[failed[0]].returncode} before it joined; "
+                             f"see {workdir}")
+        if time.monotonic() > deadline:
+            raise StartError(f"{joined} of the {len(logs)} peers started so far had joined after {START_S:.0f} s; "
+                             f"see {workdir}")
         time.sleep(0.5)
 
 
@@ -141,6 +155,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "error" not in r]
     peers = [r["peers"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(peers, [r["full_group_fraction"] for r in rows], "o-", label="peer-rounds in full groups")
@@ -170,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="swarm-scale-")
     rows = []
     for n in [int(x) for x in args.peers.split(",")]:
-        row = run_swarm(n, args, os.path.join(workdir, f"n{n}"), claimer=False)
+        try:
+            row = run_swarm(n, args, os.path.join(workdir, f"n{n}"), claimer=False)
+        except StartError as e:
+            rows.append({"peers": n, "error": str(e), **{key: None for key in ROW_KEYS}})
+            print(f"N={n:3d}  did not start: {e}", flush=True)
+            continue
         row["silent_claimer_slowdown"] = None
         if n == args.claimer_at:
             with_claimer = run_swarm(n, args, os.path.join(workdir, f"n{n}-claimer"), claimer=True)

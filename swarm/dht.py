@@ -151,6 +151,11 @@ def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], anno
 
     Every node checks owner-only records (subkeys that carry an RSA public key) by signature, and never lets
     a run's config be overwritten.
+
+    Every read of ours asks for the newest value, a full traversal that a cached copy never cuts short, so
+    hivemind's copying of each found value to the nearest node without it (``cache_nearest``) and its
+    re-reading of cached values about to expire (``cache_refresh_before_expiry``) are switched off: they were
+    RPCs for nothing (docs/architecture.md, "hivemind pitfalls").
     """
     identity = identity or load_identity(None)
     path, temporary = identity_file(identity)
@@ -160,6 +165,7 @@ def start_dht(initial_peers: list[Multiaddr], host_maddrs: list[Multiaddr], anno
             host_maddrs=[str(m) for m in host_maddrs], announce_maddrs=[str(m) for m in announce_maddrs],
             identity_path=path, check_if_identity_free=False, startup_timeout=20,
             record_validators=[RSASignatureValidator(identity.key), WriteOnceValidator()],
+            cache_nearest=0, cache_refresh_before_expiry=0,
         )
     except P2PDaemonError as e:
         if "bootstrap" in str(e) and initial_peers:
